@@ -1,0 +1,350 @@
+//! The TOML configuration (SPEC §3): parse with serde, then `validate()`.
+//!
+//! Parsing rejects unknown keys (`deny_unknown_fields`) and fills defaults from
+//! named functions; validation then checks what types cannot express (route
+//! overlaps, URL schemes, buffer combinations, key material). Every error names
+//! the file, the key path (`routes[1].upstreams`) and what is wrong, so an
+//! operator can fix it without reading code.
+
+mod defaults;
+mod secret;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use secret::{KeyMaterial, Secret};
+pub use validate::ValidatedKeys;
+
+use defaults::*;
+
+/// A config problem: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(file: &str, key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_string(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub sessions: SessionsConfig,
+    /// Optional as a whole: the signing key defaults to `PORTCULLIS_SIGNING_KEY`.
+    #[serde(default)]
+    pub tokens: TokensConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// WebSocket `Origin` allowlist: `[]` admits no browser origin, `["*"]` any.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    #[serde(default = "default_max_connections_per_session")]
+    pub max_connections_per_session: u32,
+    /// From accept to the end of the request head: the slowloris guard.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// Extension: how often an idle proxied socket is pinged (0 = never).
+    #[serde(default = "default_ping_interval_ms")]
+    pub ping_interval_ms: u64,
+    /// Extension: a peer that sends nothing for this long after a ping is dropped.
+    #[serde(default = "default_pong_timeout_ms")]
+    pub pong_timeout_ms: u64,
+    /// Extension: bytes read from a socket per readiness event; the buffer is
+    /// borrowed only while data is moving, so idle sockets hold none.
+    #[serde(default = "default_io_buffer_bytes")]
+    pub io_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Redis,
+    Memory,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsConfig {
+    #[serde(default = "default_store")]
+    pub store: StoreKind,
+    #[serde(default = "default_redis_url")]
+    pub redis_url: String,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "default_session_ttl")]
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Algorithm {
+    HS256,
+    EdDSA,
+    ES256,
+    RS256,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    #[serde(default = "default_algorithm")]
+    pub algorithm: Algorithm,
+    /// Where the signing key comes from; `signing_key_file` wins when set and
+    /// naming both explicitly is an error.
+    pub signing_key_env: Option<String>,
+    pub signing_key_file: Option<PathBuf>,
+    #[serde(default = "default_kid")]
+    pub kid: String,
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    #[serde(default = "default_token_ttl")]
+    pub ttl_secs: u64,
+    #[serde(default)]
+    pub previous_keys: Vec<PreviousKey>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousKey {
+    pub kid: String,
+    pub key_env: Option<String>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthKind {
+    Static,
+    Upstream,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default = "default_auth_kind")]
+    pub kind: AuthKind,
+    /// Failed attempts per client IP and per username per minute; 0 = unlimited.
+    #[serde(default = "default_login_attempts")]
+    pub login_attempts_per_minute: u32,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    pub url: Option<String>,
+    /// Extension: how long the upstream verifier may take before login answers 502.
+    #[serde(default = "default_upstream_auth_timeout_ms")]
+    pub upstream_timeout_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            kind: default_auth_kind(),
+            login_attempts_per_minute: default_login_attempts(),
+            users: Vec::new(),
+            url: None,
+            upstream_timeout_ms: default_upstream_auth_timeout_ms(),
+        }
+    }
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    pub password_hash: String,
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A hash is not a password, but it is still offline-crackable material.
+        f.debug_struct("UserConfig")
+            .field("username", &self.username)
+            .field("password_hash", &"MASKED")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    Session,
+    RoundRobin,
+    LeastConnections,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Exclusive,
+    Shared,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    pub path: String,
+    pub upstreams: Vec<String>,
+    #[serde(default = "default_balance")]
+    pub balance: Balance,
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: u64,
+    #[serde(default = "default_detach_grace_secs")]
+    pub detach_grace_secs: u64,
+    #[serde(default = "default_replay_frames")]
+    pub replay_frames: usize,
+    /// Extension: byte cap of the replay ring, so a few huge frames cannot
+    /// hold unbounded memory.
+    #[serde(default = "default_replay_bytes")]
+    pub replay_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            allowed_origins: Vec::new(),
+            max_connections: default_max_connections(),
+            max_connections_per_session: default_max_connections_per_session(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+            ping_interval_ms: default_ping_interval_ms(),
+            pong_timeout_ms: default_pong_timeout_ms(),
+            io_buffer_bytes: default_io_buffer_bytes(),
+        }
+    }
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        TokensConfig {
+            algorithm: default_algorithm(),
+            signing_key_env: None,
+            signing_key_file: None,
+            kid: default_kid(),
+            issuer: default_issuer(),
+            audience: default_audience(),
+            ttl_secs: default_token_ttl(),
+            previous_keys: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SessionsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `redis://:password@host` carries the store's password.
+        let redis_url = match url::Url::parse(&self.redis_url) {
+            Ok(mut url) if url.password().is_some() => {
+                let _ = url.set_password(Some("MASKED"));
+                url.to_string()
+            }
+            _ => self.redis_url.clone(),
+        };
+        f.debug_struct("SessionsConfig")
+            .field("store", &self.store)
+            .field("redis_url", &redis_url)
+            .field("key_prefix", &self.key_prefix)
+            .field("ttl_secs", &self.ttl_secs)
+            .finish()
+    }
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            store: default_store(),
+            redis_url: default_redis_url(),
+            key_prefix: default_key_prefix(),
+            ttl_secs: default_session_ttl(),
+        }
+    }
+}
+
+/// A config that parsed and validated, with its key material loaded.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub listen: SocketAddr,
+    pub keys: ValidatedKeys,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`; the environment supplies secrets.
+    pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&file, "(file)", format!("cannot read: {e}")))?;
+        let config = Self::parse(&file, &text)?;
+        config.validate(&file, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses TOML, reporting the failing key by its path.
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            // `message()` drops the location; without it a syntax error is hard to find.
+            let at = e
+                .span()
+                .and_then(|span| text.get(..span.start))
+                .map(|before| {
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+                    format!("line {line}, column {column}: ")
+                });
+            ConfigError::new(
+                file,
+                "(syntax)",
+                format!("{}{}", at.unwrap_or_default(), e.message()),
+            )
+        })?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." || key.is_empty() {
+                "(root)".to_string()
+            } else {
+                key
+            };
+            ConfigError::new(file, key, e.into_inner().message().to_string())
+        })
+    }
+
+    /// Checks what types cannot and loads key material. `env` is injected so
+    /// tests need not mutate the process environment.
+    pub fn validate(
+        self,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Loaded, ConfigError> {
+        validate::validate(self, file, env)
+    }
+}

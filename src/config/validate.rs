@@ -1,0 +1,390 @@
+//! Checks a parsed config can actually run, and loads its key material.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use url::Url;
+
+use super::defaults::DEFAULT_SIGNING_KEY_ENV;
+use super::{
+    Algorithm, AuthKind, Config, ConfigError, KeyMaterial, Loaded, Mode, Secret, StoreKind,
+};
+use crate::routing::PathPattern;
+
+/// Paths the gateway answers itself; no route may shadow them.
+const RESERVED_PREFIXES: &[&str] = &["/api/auth", "/api/session"];
+const RESERVED_PATHS: &[&str] = &[
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/.well-known/jwks.json",
+    "/api/auth/login",
+    "/api/session/x",
+];
+
+/// Largest message a route may allow: beyond this a single client could pin
+/// a large share of the machine's memory in one message.
+const MAX_MESSAGE_LIMIT: u64 = 64 * 1024 * 1024;
+const MIN_HS256_KEY_BYTES: usize = 32;
+
+/// The signing key and the keys still accepted for verification.
+#[derive(Debug, Clone)]
+pub struct ValidatedKeys {
+    pub signing: KeyMaterial,
+    pub previous: Vec<KeyMaterial>,
+}
+
+pub(super) fn validate(
+    config: Config,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded, ConfigError> {
+    let err = |key: &str, msg: String| ConfigError::new(file, key, msg);
+    let s = &config.server;
+
+    let listen: SocketAddr = s.listen.parse().map_err(|_| {
+        err(
+            "server.listen",
+            format!("{:?} is not an address like 127.0.0.1:8080", s.listen),
+        )
+    })?;
+    for (i, origin) in s.allowed_origins.iter().enumerate() {
+        if origin != "*" && !is_origin(origin) {
+            return Err(err(
+                &format!("server.allowed_origins[{i}]"),
+                format!("{origin:?} is not an origin like http://localhost:3000 or \"*\""),
+            ));
+        }
+    }
+    if s.max_connections == 0 {
+        return Err(err("server.max_connections", "must be at least 1".into()));
+    }
+    if s.max_connections_per_session == 0 || s.max_connections_per_session > s.max_connections {
+        return Err(err(
+            "server.max_connections_per_session",
+            format!(
+                "must be between 1 and server.max_connections ({})",
+                s.max_connections
+            ),
+        ));
+    }
+    if s.handshake_timeout_ms == 0 {
+        return Err(err(
+            "server.handshake_timeout_ms",
+            "must be at least 1 (0 would disable the slowloris guard)".into(),
+        ));
+    }
+    if s.ping_interval_ms > 0 && s.pong_timeout_ms == 0 {
+        return Err(err(
+            "server.pong_timeout_ms",
+            "must be at least 1 while pings are enabled".into(),
+        ));
+    }
+    if !(1024..=1_048_576).contains(&s.io_buffer_bytes) {
+        return Err(err(
+            "server.io_buffer_bytes",
+            "must be between 1024 and 1048576".into(),
+        ));
+    }
+
+    let ss = &config.sessions;
+    if ss.store == StoreKind::Redis {
+        let url = Url::parse(&ss.redis_url)
+            .map_err(|e| err("sessions.redis_url", format!("not a URL: {e}")))?;
+        if !matches!(url.scheme(), "redis" | "rediss" | "redis+unix" | "unix") {
+            return Err(err(
+                "sessions.redis_url",
+                format!("scheme {:?} is not redis:// or rediss://", url.scheme()),
+            ));
+        }
+    }
+    if ss.key_prefix.is_empty() || ss.key_prefix.contains(['{', '}']) {
+        return Err(err(
+            "sessions.key_prefix",
+            "must be non-empty and without '{' or '}' (they would break the session's hash tag)"
+                .into(),
+        ));
+    }
+    if ss.ttl_secs == 0 {
+        return Err(err("sessions.ttl_secs", "must be at least 1".into()));
+    }
+
+    let keys = load_keys(&config, file, env)?;
+
+    let a = &config.auth;
+    match a.kind {
+        AuthKind::Static => {
+            if a.users.is_empty() {
+                return Err(err(
+                    "auth.users",
+                    "auth.kind = \"static\" needs at least one [[auth.users]]".into(),
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (i, u) in a.users.iter().enumerate() {
+                if u.username.is_empty() || !seen.insert(u.username.as_str()) {
+                    return Err(err(
+                        &format!("auth.users[{i}].username"),
+                        format!("{:?} is empty or listed twice", u.username),
+                    ));
+                }
+                crate::auth::password::check_hash(&u.password_hash)
+                    .map_err(|m| err(&format!("auth.users[{i}].password_hash"), m))?;
+            }
+        }
+        AuthKind::Upstream => {
+            let Some(raw) = &a.url else {
+                return Err(err("auth.url", "auth.kind = \"upstream\" needs url".into()));
+            };
+            let url = Url::parse(raw).map_err(|e| err("auth.url", format!("not a URL: {e}")))?;
+            if url.scheme() != "http" || url.host().is_none() {
+                return Err(err("auth.url", "must be an http:// URL with a host".into()));
+            }
+            if a.upstream_timeout_ms == 0 {
+                return Err(err("auth.upstream_timeout_ms", "must be at least 1".into()));
+            }
+        }
+    }
+
+    let mut patterns: Vec<PathPattern> = Vec::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        if r.name.is_empty() {
+            return Err(err(&key("name"), "must not be empty".into()));
+        }
+        if let Some(j) = config.routes[..i].iter().position(|o| o.name == r.name) {
+            return Err(err(
+                &key("name"),
+                format!("{:?} is also the name of routes[{j}]", r.name),
+            ));
+        }
+        let pattern = PathPattern::parse(&r.path)
+            .map_err(|m| err(&key("path"), format!("{:?}: {m}", r.path)))?;
+        if RESERVED_PREFIXES
+            .iter()
+            .any(|p| pattern.path() == *p || pattern.path().starts_with(&format!("{p}/")))
+            || RESERVED_PATHS.iter().any(|p| pattern.matches(p).is_some())
+        {
+            return Err(err(
+                &key("path"),
+                format!(
+                    "{:?} would shadow the gateway's own API (/api/auth/, /api/session, /healthz, /readyz, /metrics, /.well-known/)",
+                    r.path
+                ),
+            ));
+        }
+        if let Some(j) = patterns.iter().position(|p| p.overlaps(&pattern)) {
+            return Err(err(
+                &key("path"),
+                format!(
+                    "{:?} overlaps routes[{j}].path {:?}",
+                    r.path, config.routes[j].path
+                ),
+            ));
+        }
+        patterns.push(pattern);
+        if r.upstreams.is_empty() {
+            return Err(err(
+                &key("upstreams"),
+                "must list at least one ws:// or wss:// URL".into(),
+            ));
+        }
+        for (k, u) in r.upstreams.iter().enumerate() {
+            let ukey = format!("routes[{i}].upstreams[{k}]");
+            let url = Url::parse(u).map_err(|e| err(&ukey, format!("{u:?} is not a URL: {e}")))?;
+            if !matches!(url.scheme(), "ws" | "wss")
+                || url.host().is_none()
+                || url.fragment().is_some()
+            {
+                return Err(err(
+                    &ukey,
+                    format!("{u:?} must be a ws:// or wss:// URL with a host and no fragment"),
+                ));
+            }
+        }
+        if r.max_message_bytes == 0 || r.max_message_bytes > MAX_MESSAGE_LIMIT {
+            return Err(err(
+                &key("max_message_bytes"),
+                format!("must be between 1 and {MAX_MESSAGE_LIMIT}"),
+            ));
+        }
+        if r.mode == Mode::Shared {
+            if r.replay_frames == 0 {
+                return Err(err(
+                    &key("replay_frames"),
+                    "must be at least 1 on a shared route".into(),
+                ));
+            }
+            if (r.replay_bytes as u64) < r.max_message_bytes {
+                return Err(err(
+                    &key("replay_bytes"),
+                    format!(
+                        "({}) is smaller than max_message_bytes ({}): a full-size frame could never be replayed",
+                        r.replay_bytes, r.max_message_bytes
+                    ),
+                ));
+            }
+        }
+    }
+
+    Ok(Loaded {
+        config,
+        listen,
+        keys,
+    })
+}
+
+fn is_origin(s: &str) -> bool {
+    match Url::parse(s) {
+        Ok(u) => {
+            matches!(u.scheme(), "http" | "https")
+                && u.host().is_some()
+                && (u.path() == "/" || u.path().is_empty())
+                && !s.ends_with('/')
+                && u.query().is_none()
+        }
+        Err(_) => false,
+    }
+}
+
+fn load_keys(
+    config: &Config,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ValidatedKeys, ConfigError> {
+    let t = &config.tokens;
+    let base = Path::new(file).parent().unwrap_or(Path::new("."));
+    if t.signing_key_env.is_some() && t.signing_key_file.is_some() {
+        return Err(ConfigError::new(
+            file,
+            "tokens.signing_key_file",
+            "set either signing_key_env or signing_key_file, not both",
+        ));
+    }
+    let signing = read_key(
+        file,
+        base,
+        (
+            "tokens.signing_key_env",
+            t.signing_key_env.as_deref().or(t
+                .signing_key_file
+                .is_none()
+                .then_some(DEFAULT_SIGNING_KEY_ENV)),
+        ),
+        ("tokens.signing_key_file", t.signing_key_file.as_deref()),
+        env,
+    )?;
+    let signing_key = if t.signing_key_file.is_some() {
+        "tokens.signing_key_file"
+    } else {
+        "tokens.signing_key_env"
+    };
+    check_key(file, signing_key, t.algorithm, &signing)?;
+    if t.kid.is_empty() {
+        return Err(ConfigError::new(file, "tokens.kid", "must not be empty"));
+    }
+    if t.ttl_secs == 0 {
+        return Err(ConfigError::new(
+            file,
+            "tokens.ttl_secs",
+            "must be at least 1",
+        ));
+    }
+    let mut previous = Vec::new();
+    for (i, p) in t.previous_keys.iter().enumerate() {
+        let prefix = format!("tokens.previous_keys[{i}]");
+        if p.kid.is_empty() || p.kid == t.kid || t.previous_keys[..i].iter().any(|o| o.kid == p.kid)
+        {
+            return Err(ConfigError::new(
+                file,
+                format!("{prefix}.kid"),
+                format!("{:?} is empty or not unique among the token keys", p.kid),
+            ));
+        }
+        if p.key_env.is_some() == p.key_file.is_some() {
+            return Err(ConfigError::new(
+                file,
+                format!("{prefix}.key_env"),
+                "set exactly one of key_env or key_file",
+            ));
+        }
+        let secret = read_key(
+            file,
+            base,
+            (&format!("{prefix}.key_env"), p.key_env.as_deref()),
+            (&format!("{prefix}.key_file"), p.key_file.as_deref()),
+            env,
+        )?;
+        let source = if p.key_file.is_some() {
+            "key_file"
+        } else {
+            "key_env"
+        };
+        check_key(file, &format!("{prefix}.{source}"), t.algorithm, &secret)?;
+        previous.push(KeyMaterial {
+            kid: p.kid.clone(),
+            secret,
+        });
+    }
+    Ok(ValidatedKeys {
+        signing: KeyMaterial {
+            kid: t.kid.clone(),
+            secret: signing,
+        },
+        previous,
+    })
+}
+
+fn read_key(
+    file: &str,
+    base: &Path,
+    (env_key, env_name): (&str, Option<&str>),
+    (file_key, path): (&str, Option<&Path>),
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Secret, ConfigError> {
+    if let Some(path) = path {
+        let full = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            base.join(path)
+        };
+        let bytes = std::fs::read(&full).map_err(|e| {
+            ConfigError::new(
+                file,
+                file_key,
+                format!("cannot read {}: {e}", full.display()),
+            )
+        })?;
+        return Ok(Secret::new(bytes));
+    }
+    let name = env_name.unwrap_or(DEFAULT_SIGNING_KEY_ENV);
+    match env(name) {
+        Some(v) if !v.is_empty() => Ok(Secret::new(v.into_bytes())),
+        _ => Err(ConfigError::new(
+            file,
+            env_key,
+            format!(
+                "environment variable {name} is not set (the signing secret never lives in the TOML file)"
+            ),
+        )),
+    }
+}
+
+/// `what` is the config key the material came from, so the error names it.
+fn check_key(file: &str, what: &str, alg: Algorithm, secret: &Secret) -> Result<(), ConfigError> {
+    if alg == Algorithm::HS256 && secret.expose().len() < MIN_HS256_KEY_BYTES {
+        return Err(ConfigError::new(
+            file,
+            what,
+            format!(
+                "an HS256 key needs at least {MIN_HS256_KEY_BYTES} bytes, this one has {}",
+                secret.expose().len()
+            ),
+        ));
+    }
+    if alg != Algorithm::HS256 {
+        crate::token::keys::check_private_pem(alg, secret.expose())
+            .map_err(|m| ConfigError::new(file, what, m))?;
+    }
+    Ok(())
+}

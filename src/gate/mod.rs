@@ -1,0 +1,226 @@
+//! The WebSocket gate (SPEC §6): the ordered checks an upgrade must pass
+//! before any upstream is dialled, then the hand-over to the relay.
+//!
+//! 1. a valid WebSocket upgrade → else `426 upgrade_required`
+//! 2. `Origin` allowed → else `403 origin_not_allowed`
+//! 3. a token that verifies → else `403 missing_token|invalid_token|token_expired`
+//! 4. a live session (one atomic store call that also takes the socket's
+//!    lease and slides the TTL) → else `403 session_not_found` / `503`
+//! 5. limits → else `503 too_many_connections`
+//! 6. an upstream that completes its handshake → else `502 upstream_unavailable`
+//!
+//! Only then does the client get its `101`.
+
+pub mod maintenance;
+pub mod registry;
+mod upgrade;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::app::App;
+use crate::error::{ApiError, Body};
+use crate::http::credentials;
+use crate::ids::random_id;
+use crate::proxy::dial::{Dialled, UpstreamRequest, dial};
+use crate::proxy::relay::{self, Ended, Pair, RelayConfig};
+use crate::routing::Route;
+use crate::session::{Attach, LeaseRequest, SessionStore};
+use crate::telemetry::{CloseLabel, RouteResultLabel};
+use crate::token::Claims;
+
+/// Retry-After for a full gateway or session: sockets come and go quickly.
+const FULL_RETRY_AFTER_SECS: u64 = 1;
+/// How long releasing a lease may take after a socket closes.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs the checks for a request on `route`; on success returns the `101`
+/// and leaves a task relaying the socket.
+pub async fn handle(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    route: Arc<Route>,
+    rest: String,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let result = gate(app, req, &route, &rest, peer).await;
+    let label = match &result {
+        Ok(_) => "accepted",
+        Err(e) => e.code,
+    };
+    app.metrics
+        .upgrades
+        .get_or_create(&RouteResultLabel {
+            route: route.name.clone(),
+            result: label,
+        })
+        .inc();
+    result
+}
+
+async fn gate(
+    app: &Arc<App>,
+    mut req: Request<Incoming>,
+    route: &Arc<Route>,
+    rest: &str,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    // 1. A real upgrade.
+    let accept = upgrade::check(&req)?;
+    // 2. Origin.
+    if let Some(origin) = req.headers().get(http::header::ORIGIN) {
+        if !upgrade::origin_allowed(&app.config.server.allowed_origins, origin) {
+            return Err(ApiError::origin_not_allowed());
+        }
+    }
+    // 3. Token.
+    let query = req.uri().query();
+    let token = credentials::for_upgrade(req.headers(), query)
+        .ok_or_else(|| ApiError::token(crate::token::TokenError::Missing, StatusCode::FORBIDDEN))?;
+    let claims = app
+        .tokens
+        .verify(token)
+        .map_err(|e| ApiError::token(e, StatusCode::FORBIDDEN))?;
+    // 4 + 5. Session and per-session limit, atomically in the store.
+    let conn_id = random_id();
+    let server = &app.config.server;
+    let attach = app
+        .store
+        .attach(LeaseRequest {
+            session_id: &claims.sid,
+            conn_id: &conn_id,
+            lease: maintenance::LEASE,
+            max_per_session: server.max_connections_per_session,
+            session_ttl: Duration::from_secs(app.config.sessions.ttl_secs),
+        })
+        .await
+        .map_err(|e| {
+            app.metrics.store_errors.inc();
+            ApiError::store_unavailable(&e)
+        })?;
+    let record = match attach {
+        Attach::Attached(r) => r,
+        Attach::NotFound => return Err(ApiError::session_ended(StatusCode::FORBIDDEN)),
+        Attach::Full => return Err(ApiError::too_many_connections(FULL_RETRY_AFTER_SECS)),
+    };
+    // From here on a refusal must give the lease back.
+    let refuse = |e: ApiError| {
+        release_lease(app, &claims.sid, &conn_id);
+        Err(e)
+    };
+    // 5. Gateway-wide limit (local to this instance).
+    let slot = match app.registry.try_reserve() {
+        Some(slot) if !app.shutdown.is_begun() => slot,
+        _ => return refuse(ApiError::too_many_connections(FULL_RETRY_AFTER_SECS)),
+    };
+    // 6. Dial.
+    let offered = upgrade::offered_protocols(req.headers());
+    let headers = upgrade::forwarded_headers(req.headers(), &claims, peer);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(server.handshake_timeout_ms);
+    let Some((index, dialled)) =
+        dial_route(route, rest, query, &claims, headers, &offered, deadline).await
+    else {
+        return refuse(ApiError::upstream_unavailable());
+    };
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let close_rx = app
+        .registry
+        .register(&claims.sid, &conn_id, record.expires_at);
+    let protocol = dialled
+        .protocol
+        .clone()
+        .or_else(|| offered.bearer.then(|| HeaderValue::from_static("bearer")));
+    let cfg = RelayConfig {
+        max_message: route.max_message_bytes,
+        io_buffer: server.io_buffer_bytes,
+        ping_interval: Duration::from_millis(server.ping_interval_ms),
+        pong_timeout: Duration::from_millis(server.pong_timeout_ms),
+    };
+    let task_app = app.clone();
+    let task_route = route.clone();
+    let sid = claims.sid.clone();
+    app.shutdown.spawn(async move {
+        let app = task_app;
+        // Hold the slot and the least-connections count while the socket lives.
+        let _active = task_route.pool.activate(index);
+        app.metrics.open_sockets.inc();
+        let ended = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+            Ok(Ok(parts)) => {
+                let pair = Pair {
+                    client: parts.io.into_inner(),
+                    client_early: parts.read_buf,
+                    upstream: dialled.stream,
+                    upstream_early: dialled.early,
+                };
+                relay::relay(pair, cfg, close_rx, app.shutdown.clone()).await
+            }
+            _ => Ended::Dropped,
+        };
+        if let Ended::Gateway(code) = ended {
+            app.metrics.closes.get_or_create(&CloseLabel { code }).inc();
+        }
+        app.metrics.open_sockets.dec();
+        drop(slot);
+        app.registry.unregister(&sid, &conn_id);
+        let _ = tokio::time::timeout(DETACH_TIMEOUT, app.store.detach(&sid, &conn_id)).await;
+    });
+    Ok(upgrade::switching_protocols(accept, protocol))
+}
+
+fn release_lease(app: &Arc<App>, sid: &str, conn_id: &str) {
+    let app = app.clone();
+    let (sid, conn_id) = (sid.to_string(), conn_id.to_string());
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(DETACH_TIMEOUT, app.store.detach(&sid, &conn_id)).await;
+    });
+}
+
+/// Tries the route's upstreams in balance order, each at most once, until
+/// one completes its handshake or the deadline passes.
+async fn dial_route(
+    route: &Route,
+    rest: &str,
+    query: Option<&str>,
+    claims: &Claims,
+    headers: http::HeaderMap,
+    offered: &upgrade::Offered,
+    deadline: tokio::time::Instant,
+) -> Option<(usize, Dialled)> {
+    for i in route.pool.order(&claims.sid) {
+        let url = route.upstream_url(&route.pool.get(i).url, rest, query);
+        let req = UpstreamRequest {
+            url: &url,
+            headers: headers.clone(),
+            protocols: offered.others.clone(),
+        };
+        match tokio::time::timeout_at(deadline, dial(req)).await {
+            Ok(Ok(d)) => {
+                route.pool.mark_up(i);
+                return Some((i, d));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(route = %route.name, upstream = %route.pool.get(i).url, error = %e, "upstream dial failed");
+                route.pool.mark_down(i);
+            }
+            Err(_) => {
+                tracing::warn!(route = %route.name, upstream = %route.pool.get(i).url, "upstream dial timed out");
+                route.pool.mark_down(i);
+                return None;
+            }
+        }
+    }
+    None
+}
+
+pub(crate) fn response_101() -> Response<Body> {
+    let mut resp = Response::new(Body::default());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp
+}

@@ -1,0 +1,256 @@
+//! The HTTP side of an upgrade: is it one, may this origin make it, which
+//! headers travel upstream, and the `101` we answer with.
+
+use std::net::SocketAddr;
+
+use http::header::{
+    AUTHORIZATION, CONNECTION, COOKIE, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS,
+    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use hyper::body::Incoming;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::error::{ApiError, Body};
+use crate::http::credentials::COOKIE_NAME;
+use crate::token::Claims;
+
+const X_SESSION_ID: HeaderName = HeaderName::from_static("x-portcullis-session-id");
+const X_USER: HeaderName = HeaderName::from_static("x-portcullis-user");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Check 1: a valid RFC 6455 upgrade request. Returns the accept key.
+pub fn check(req: &Request<Incoming>) -> Result<String, ApiError> {
+    let h = req.headers();
+    let version_ok = h.get(SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
+    let key = h
+        .get(SEC_WEBSOCKET_KEY)
+        .filter(|k| k.len() == 24)
+        .map(|k| derive_accept_key(k.as_bytes()));
+    match key {
+        Some(accept)
+            if req.method() == Method::GET
+                && req.version() == http::Version::HTTP_11
+                && has_token(h, CONNECTION, "upgrade")
+                && has_token(h, UPGRADE, "websocket")
+                && version_ok =>
+        {
+            Ok(accept)
+        }
+        _ => Err(ApiError::upgrade_required()),
+    }
+}
+
+/// Check 2: `[]` admits no browser origin, `["*"]` any, otherwise an exact
+/// (case-insensitive) match.
+pub fn origin_allowed(allowed: &[String], origin: &HeaderValue) -> bool {
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+}
+
+/// What the client offered in `Sec-WebSocket-Protocol`.
+pub struct Offered {
+    /// The `bearer, <token>` pair was used: answer `bearer` when the runtime
+    /// picks nothing, as browsers require a chosen protocol they offered.
+    pub bearer: bool,
+    /// The other protocols, passed to the runtime to choose from.
+    pub others: Option<String>,
+}
+
+pub fn offered_protocols(headers: &HeaderMap) -> Offered {
+    let mut bearer = false;
+    let mut others = Vec::new();
+    let mut items = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty());
+    while let Some(p) = items.next() {
+        if p == "bearer" {
+            bearer = true;
+            items.next(); // the token itself never travels upstream
+        } else {
+            others.push(p);
+        }
+    }
+    Offered {
+        bearer,
+        others: (!others.is_empty()).then(|| others.join(", ")),
+    }
+}
+
+/// Client headers for the upstream request: everything end-to-end except
+/// the client's credentials and any `X-Portcullis-*` it tried to send, plus
+/// the identity the gate established.
+pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(client.len() + 3);
+    for (name, value) in client {
+        let n = name.as_str();
+        let hop_or_handshake = name == CONNECTION
+            || name == UPGRADE
+            || name == HOST
+            || name == SEC_WEBSOCKET_KEY
+            || name == SEC_WEBSOCKET_VERSION
+            || name == SEC_WEBSOCKET_PROTOCOL
+            || name == SEC_WEBSOCKET_EXTENSIONS
+            || name == SEC_WEBSOCKET_ACCEPT
+            || matches!(
+                n,
+                "keep-alive"
+                    | "te"
+                    | "trailer"
+                    | "transfer-encoding"
+                    | "proxy-connection"
+                    | "proxy-authorization"
+            );
+        if hop_or_handshake || n.starts_with("x-portcullis-") || name == X_FORWARDED_FOR {
+            continue;
+        }
+        if name == AUTHORIZATION {
+            let is_bearer = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.split_once(' '))
+                .is_some_and(|(s, _)| s.eq_ignore_ascii_case("bearer"));
+            if is_bearer {
+                continue;
+            }
+        }
+        if name == COOKIE {
+            if let Some(kept) = strip_session_cookie(value) {
+                out.append(COOKIE, kept);
+            }
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    let forwarded_for = client
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .chain(std::iter::once(peer.ip().to_string().as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        out.insert(X_FORWARDED_FOR, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&claims.sid) {
+        out.insert(X_SESSION_ID, v);
+    }
+    if let Ok(v) = HeaderValue::from_bytes(claims.sub.as_bytes()) {
+        out.insert(X_USER, v);
+    }
+    out
+}
+
+/// The cookie header without `portcullis_session`; `None` when nothing is left.
+fn strip_session_cookie(value: &HeaderValue) -> Option<HeaderValue> {
+    let v = value.to_str().ok()?;
+    let kept: Vec<&str> = v
+        .split(';')
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && c.split('=').next() != Some(COOKIE_NAME))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join("; ")).ok()
+}
+
+pub fn switching_protocols(accept: String, protocol: Option<HeaderValue>) -> Response<Body> {
+    let mut resp = super::response_101();
+    let h = resp.headers_mut();
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(
+        SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    if let Some(p) = protocol {
+        h.insert(SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims() -> Claims {
+        Claims {
+            sub: "alice".into(),
+            sid: "sid123".into(),
+            iat: 0,
+            exp: 0,
+            iss: "i".into(),
+            aud: "a".into(),
+            jti: "j".into(),
+        }
+    }
+
+    #[test]
+    fn strips_credentials_and_spoofed_identity() {
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer secret"));
+        h.insert(
+            COOKIE,
+            HeaderValue::from_static("a=1; portcullis_session=secret; b=2"),
+        );
+        h.insert("x-portcullis-user", HeaderValue::from_static("mallory"));
+        h.insert("x-portcullis-anything", HeaderValue::from_static("x"));
+        h.insert("user-agent", HeaderValue::from_static("test"));
+        h.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("bearer, secret"),
+        );
+        let out = forwarded_headers(&h, &claims(), "10.1.2.3:5".parse().unwrap());
+        assert!(out.get(AUTHORIZATION).is_none());
+        assert_eq!(out.get(COOKIE).unwrap(), "a=1; b=2");
+        assert_eq!(out.get("x-portcullis-user").unwrap(), "alice");
+        assert_eq!(out.get("x-portcullis-session-id").unwrap(), "sid123");
+        assert!(out.get("x-portcullis-anything").is_none());
+        assert!(out.get(SEC_WEBSOCKET_PROTOCOL).is_none());
+        assert_eq!(out.get("user-agent").unwrap(), "test");
+        assert_eq!(out.get("x-forwarded-for").unwrap(), "10.1.2.3");
+        let all = format!("{out:?}");
+        assert!(!all.contains("secret"), "{all}");
+    }
+
+    #[test]
+    fn bearer_pair_is_removed_from_offered_protocols() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("chat.v1, bearer, tok, chat.v2"),
+        );
+        let o = offered_protocols(&h);
+        assert!(o.bearer);
+        assert_eq!(o.others.as_deref(), Some("chat.v1, chat.v2"));
+        let o = offered_protocols(&HeaderMap::new());
+        assert!(!o.bearer && o.others.is_none());
+    }
+
+    #[test]
+    fn origins() {
+        let v = HeaderValue::from_static("http://localhost:3000");
+        assert!(origin_allowed(&["http://localhost:3000".into()], &v));
+        assert!(origin_allowed(&["*".into()], &v));
+        assert!(!origin_allowed(&[], &v));
+        assert!(!origin_allowed(&["http://localhost:3001".into()], &v));
+    }
+}

@@ -1,0 +1,275 @@
+//! The session API of SPEC §4.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::credentials::{self, COOKIE_NAME};
+use crate::app::App;
+use crate::config::Secret;
+use crate::error::{ApiError, Body, empty_response, json_response};
+use crate::session::{SessionRecord, SessionStore};
+use crate::telemetry::{ReasonLabel, ResultLabel};
+use crate::time::rfc3339;
+use crate::token::{Claims, Issued};
+
+/// Largest API request body; a login is a few hundred bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Usernames and passwords longer than this are refused as malformed rather
+/// than hashed: argon2 over megabytes is a cheap way to burn our CPU.
+const MAX_CREDENTIAL_BYTES: usize = 1024;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+#[derive(Deserialize)]
+struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T> {
+    let bytes: Bytes = Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ApiError::payload_too_large(MAX_BODY_BYTES)
+            } else {
+                ApiError::bad_request("Could not read the request body")
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| {
+        // serde's message names the missing field or the syntax problem and
+        // never echoes values, so it is safe to return.
+        ApiError::bad_request(format!("Malformed JSON body: {e}"))
+    })
+}
+
+fn session_cookie(token: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{COOKIE_NAME}={token}; HttpOnly; SameSite=Strict; Path=/"
+    ))
+    .expect("a JWT is a valid header value")
+}
+
+/// The login-shaped answer shared by login, refresh and session/create.
+fn issued_response(record: &SessionRecord, issued: &Issued, set_cookie: bool) -> Response<Body> {
+    let body = serde_json::json!({
+        "session_id": record.id,
+        "session_token": issued.token,
+        "expires_at": rfc3339(issued.expires_at),
+        "session_expires_at": rfc3339(record.expires_at),
+        "user": record.user,
+    });
+    let mut resp = json_response(StatusCode::OK, &body);
+    if set_cookie {
+        resp.headers_mut()
+            .insert(header::SET_COOKIE, session_cookie(&issued.token));
+    }
+    resp
+}
+
+fn session_ttl(app: &App) -> Duration {
+    Duration::from_secs(app.config.sessions.ttl_secs)
+}
+
+pub async fn login(app: &App, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>> {
+    let outcome = login_inner(app, req, peer).await;
+    let result = match &outcome {
+        Ok(_) => "ok",
+        Err(e) => e.code,
+    };
+    app.metrics
+        .logins
+        .get_or_create(&ResultLabel { result })
+        .inc();
+    outcome
+}
+
+async fn login_inner(
+    app: &App,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>> {
+    let body: LoginRequest = read_json(req).await?;
+    if body.username.is_empty()
+        || body.username.len() > MAX_CREDENTIAL_BYTES
+        || body.password.len() > MAX_CREDENTIAL_BYTES
+    {
+        return Err(ApiError::bad_request(
+            "username must be 1 to 1024 bytes and password at most 1024 bytes",
+        ));
+    }
+    app.limiter
+        .check(peer.ip(), &body.username)
+        .map_err(ApiError::rate_limited)?;
+    let password = Secret::new(body.password.into_bytes());
+    let user = match app.auth.authenticate(&body.username, password).await {
+        Ok(user) => user,
+        Err(crate::auth::AuthError::InvalidCredentials) => {
+            app.limiter.record_failure(peer.ip(), &body.username);
+            tracing::info!(peer = %peer.ip(), "login refused: invalid credentials");
+            return Err(ApiError::invalid_credentials());
+        }
+        Err(crate::auth::AuthError::Unavailable(why)) => {
+            tracing::warn!(%why, "login verifier unavailable");
+            return Err(ApiError::auth_upstream_unavailable());
+        }
+    };
+    // The session exists in the store before any token for it does.
+    let record = app
+        .store
+        .create(&user, session_ttl(app))
+        .await
+        .map_err(|e| store_error(app, &e))?;
+    app.metrics.sessions_created.inc();
+    let issued = app.tokens.issue(&record.user, &record.id);
+    tracing::info!(user = %record.user, session = %record.id, "login");
+    Ok(issued_response(&record, &issued, true))
+}
+
+fn store_error(app: &App, e: &crate::session::StoreError) -> ApiError {
+    app.metrics.store_errors.inc();
+    ApiError::store_unavailable(e)
+}
+
+/// A "(token)" call: a valid token whose own session is live.
+async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<(Claims, SessionRecord)> {
+    let token = credentials::for_api(req.headers()).ok_or_else(|| {
+        ApiError::token(crate::token::TokenError::Missing, StatusCode::UNAUTHORIZED)
+    })?;
+    let claims = app
+        .tokens
+        .verify(token)
+        .map_err(|e| ApiError::token(e, StatusCode::UNAUTHORIZED))?;
+    let record = app
+        .store
+        .get(&claims.sid)
+        .await
+        .map_err(|e| store_error(app, &e))?
+        .ok_or_else(|| ApiError::session_ended(StatusCode::UNAUTHORIZED))?;
+    Ok((claims, record))
+}
+
+pub async fn logout(app: &App, req: Request<Incoming>) -> Result<Response<Body>> {
+    let (claims, _) = authenticate(app, &req).await?;
+    end_session(app, &claims.sid).await?;
+    let mut resp = empty_response(StatusCode::NO_CONTENT);
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static(
+            "portcullis_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
+        ),
+    );
+    Ok(resp)
+}
+
+async fn end_session(app: &App, sid: &str) -> Result<bool> {
+    let existed = app
+        .store
+        .delete(sid)
+        .await
+        .map_err(|e| store_error(app, &e))?;
+    if existed {
+        app.metrics
+            .sessions_revoked
+            .get_or_create(&ReasonLabel { reason: "revoked" })
+            .inc();
+        tracing::info!(session = %sid, "session revoked");
+    }
+    Ok(existed)
+}
+
+pub async fn refresh(app: &App, req: Request<Incoming>) -> Result<Response<Body>> {
+    let (claims, _) = authenticate(app, &req).await?;
+    let record = app
+        .store
+        .touch(&claims.sid, session_ttl(app))
+        .await
+        .map_err(|e| store_error(app, &e))?
+        .ok_or_else(|| ApiError::session_ended(StatusCode::UNAUTHORIZED))?;
+    let issued = app.tokens.issue(&record.user, &record.id);
+    Ok(issued_response(&record, &issued, true))
+}
+
+/// One more session for the same user. The cookie is left alone: it keeps
+/// pointing at the caller's current session, and the new token is in the body.
+pub async fn create_session(app: &App, req: Request<Incoming>) -> Result<Response<Body>> {
+    let (claims, _) = authenticate(app, &req).await?;
+    let record = app
+        .store
+        .create(&claims.sub, session_ttl(app))
+        .await
+        .map_err(|e| store_error(app, &e))?;
+    app.metrics.sessions_created.inc();
+    let issued = app.tokens.issue(&record.user, &record.id);
+    Ok(issued_response(&record, &issued, false))
+}
+
+/// The caller's view of a session they own; another user's session is
+/// indistinguishable from a missing one.
+async fn owned_session(app: &App, claims: &Claims, id: &str) -> Result<SessionRecord> {
+    if !crate::ids::looks_like_id(id) {
+        return Err(ApiError::session_not_found());
+    }
+    app.store
+        .get(id)
+        .await
+        .map_err(|e| store_error(app, &e))?
+        .filter(|r| r.user == claims.sub)
+        .ok_or_else(ApiError::session_not_found)
+}
+
+pub async fn get_session(app: &App, req: Request<Incoming>, id: &str) -> Result<Response<Body>> {
+    let (claims, _) = authenticate(app, &req).await?;
+    let r = owned_session(app, &claims, id).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "session_id": r.id,
+            "user": r.user,
+            "state": r.state.as_str(),
+            "created_at": rfc3339(r.created_at),
+            "expires_at": rfc3339(r.expires_at),
+            "connections": r.connections,
+        }),
+    ))
+}
+
+pub async fn delete_session(app: &App, req: Request<Incoming>, id: &str) -> Result<Response<Body>> {
+    let (claims, _) = authenticate(app, &req).await?;
+    let r = owned_session(app, &claims, id).await?;
+    if !end_session(app, &r.id).await? {
+        return Err(ApiError::session_not_found());
+    }
+    Ok(empty_response(StatusCode::NO_CONTENT))
+}
+
+pub async fn readyz(app: &App) -> Response<Body> {
+    match app.store.ping().await {
+        Ok(()) => json_response(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
+        Err(e) => store_error(app, &e).into_response(),
+    }
+}
+
+pub fn metrics(app: &App) -> Response<Body> {
+    let mut resp = Response::new(http_body_util::Full::new(Bytes::from(app.metrics.render())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+pub fn jwks(app: &App) -> Result<Response<Body>> {
+    let doc = app.tokens.jwks().ok_or_else(ApiError::not_found)?;
+    Ok(json_response(StatusCode::OK, doc))
+}

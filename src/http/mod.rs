@@ -1,0 +1,133 @@
+//! The HTTP edge: dispatch by path to the session API, the probes, the demo
+//! page, or the WebSocket gate of a route.
+
+pub mod api;
+pub mod credentials;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use crate::app::App;
+use crate::error::{ApiError, Body, json_response};
+use crate::telemetry::{EndpointLabel, redact_target};
+
+/// Serves one request. Never fails: every refusal is a JSON response.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let target = redact_target(req.uri().path(), req.uri().query());
+    let (endpoint, result) = dispatch(&app, req, peer).await;
+    let resp = result.unwrap_or_else(ApiError::into_response);
+    app.metrics
+        .request_duration
+        .get_or_create(&EndpointLabel { endpoint })
+        .observe(started.elapsed().as_secs_f64());
+    tracing::debug!(%method, %target, status = resp.status().as_u16(), endpoint, "request");
+    resp
+}
+
+fn only(req: &Request<Incoming>, method: Method, allow: &'static str) -> Result<(), ApiError> {
+    if req.method() == method || (method == Method::GET && req.method() == Method::HEAD) {
+        Ok(())
+    } else {
+        Err(ApiError::method_not_allowed(allow))
+    }
+}
+
+async fn dispatch(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> (&'static str, Result<Response<Body>, ApiError>) {
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/api/auth/login" => (
+            "login",
+            async {
+                only(&req, Method::POST, "POST")?;
+                api::login(app, req, peer).await
+            }
+            .await,
+        ),
+        "/api/auth/logout" => (
+            "logout",
+            async {
+                only(&req, Method::POST, "POST")?;
+                api::logout(app, req).await
+            }
+            .await,
+        ),
+        "/api/auth/refresh" => (
+            "refresh",
+            async {
+                only(&req, Method::POST, "POST")?;
+                api::refresh(app, req).await
+            }
+            .await,
+        ),
+        "/api/session/create" => (
+            "session_create",
+            async {
+                only(&req, Method::POST, "POST")?;
+                api::create_session(app, req).await
+            }
+            .await,
+        ),
+        "/healthz" => (
+            "healthz",
+            only(&req, Method::GET, "GET")
+                .map(|()| json_response(StatusCode::OK, &serde_json::json!({ "status": "ok" }))),
+        ),
+        "/readyz" => (
+            "readyz",
+            match only(&req, Method::GET, "GET") {
+                Ok(()) => Ok(api::readyz(app).await),
+                Err(e) => Err(e),
+            },
+        ),
+        "/metrics" => (
+            "metrics",
+            only(&req, Method::GET, "GET").map(|()| api::metrics(app)),
+        ),
+        "/.well-known/jwks.json" => (
+            "jwks",
+            only(&req, Method::GET, "GET").and_then(|()| api::jwks(app)),
+        ),
+        "/" if app.demo_page.is_some() => (
+            "demo",
+            only(&req, Method::GET, "GET").map(|()| {
+                let mut resp = Response::new(Body::from(app.demo_page.clone().unwrap_or_default()));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                resp
+            }),
+        ),
+        p => match p.strip_prefix("/api/session/") {
+            Some(id) if !id.contains('/') => {
+                let id = id.to_string();
+                let r = match *req.method() {
+                    Method::GET => api::get_session(app, req, &id).await,
+                    Method::DELETE => api::delete_session(app, req, &id).await,
+                    _ => Err(ApiError::method_not_allowed("GET, DELETE")),
+                };
+                ("session", r)
+            }
+            _ => match app.routes.lookup(p) {
+                Some((route, rest)) => {
+                    let (route, rest) = (route.clone(), rest.to_string());
+                    (
+                        "upgrade",
+                        crate::gate::handle(app, req, route, rest, peer).await,
+                    )
+                }
+                None => ("not_found", Err(ApiError::not_found())),
+            },
+        },
+    }
+}

@@ -1,0 +1,37 @@
+//! Identifiers minted by the gateway: 128 bits from the OS CSPRNG, URL-safe.
+//!
+//! The server is the only source of session ids; nothing a client sends is
+//! ever used as one.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// 128 random bits as 22 URL-safe base64 characters.
+pub fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the OS random source is unavailable");
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Whether `s` could be an id we minted; lets handlers answer 404 without a
+/// store round trip for garbage, and keeps odd bytes out of store keys.
+pub fn looks_like_id(s: &str) -> bool {
+    s.len() == 22
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_distinct_and_well_formed() {
+        let a = random_id();
+        let b = random_id();
+        assert_ne!(a, b);
+        assert!(looks_like_id(&a), "{a}");
+        assert!(!looks_like_id("../../etc"));
+        assert!(!looks_like_id("{abcdefghijklmnopqrst}"));
+    }
+}

@@ -1,0 +1,156 @@
+//! The `portcullis` binary: parse the CLI, set up logging, load config, bind,
+//! and hand over to the library. Nothing else lives here.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use portcullis::app::App;
+use portcullis::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Validates sessions before a WebSocket upgrade"
+)]
+struct Cli {
+    /// Config file to serve with.
+    #[arg(long, global = false)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file, print its routes, exit 0 (valid) or 1.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Gateway + built-in echo runtime + a demo user; no Redis, no config.
+    Demo {
+        /// Address to serve on; default 127.0.0.1:8080, or a free port if busy.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Read one password line on stdin and print its argon2id hash.
+    HashPassword,
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if std::env::var("PORTCULLIS_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { config }) => check(&config),
+        Some(Command::HashPassword) => match hash_password() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("portcullis: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Demo { listen }) => run_async(demo(listen)),
+        None => match cli.config {
+            Some(path) => run_async(serve(path)),
+            None => {
+                eprintln!(
+                    "portcullis: pass --config FILE to serve, or try `portcullis demo` (see --help)"
+                );
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the Tokio runtime");
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(loaded) => {
+            println!("{}: ok, listen {}", path.display(), loaded.listen);
+            for r in &loaded.config.routes {
+                println!(
+                    "route {} {} -> {} ({:?}, balance {:?})",
+                    r.name,
+                    r.path,
+                    r.upstreams.join(", "),
+                    r.mode,
+                    r.balance
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("portcullis: config error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    anyhow::ensure!(!password.is_empty(), "empty password on stdin");
+    println!(
+        "{}",
+        portcullis::auth::password::hash_password(password.as_bytes())
+    );
+    Ok(())
+}
+
+async fn serve(path: PathBuf) -> anyhow::Result<()> {
+    // Config errors exit non-zero before any port is bound.
+    let loaded = Config::load(&path).map_err(|e| anyhow::anyhow!("config error: {e}"))?;
+    let listen = loaded.listen;
+    let app = App::build(loaded).await.context("starting")?.into_shared();
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    portcullis::server::run_until_signal(app, listener).await
+}
+
+async fn demo(listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let (app, listener, creds) = portcullis::demo::prepare(listen).await?;
+    println!("username: {}", creds.username);
+    println!("password: {}", creds.password);
+    portcullis::server::run_until_signal(app, listener).await
+}

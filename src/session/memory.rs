@@ -1,0 +1,242 @@
+//! In-process session store for a single instance and `demo`.
+//!
+//! Expiry is enforced on every read and expired entries are purged in the
+//! background; the purge task holds only a `Weak` and ends with the store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::{
+    Attach, EndReason, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord,
+    SessionState, SessionStore, StoreError,
+};
+use crate::ids::random_id;
+use crate::time::now_unix_ms;
+
+/// How long a deleted session is remembered as revoked (rather than expired)
+/// for the sweep's benefit.
+const TOMBSTONE_MS: i64 = 10 * 60 * 1000;
+const PURGE_EVERY: Duration = Duration::from_secs(1);
+
+struct Entry {
+    user: String,
+    created_at_ms: i64,
+    expires_at_ms: i64,
+    attached: bool,
+    /// conn id → lease expiry (Unix ms).
+    leases: HashMap<String, i64>,
+}
+
+impl Entry {
+    fn record(&self, id: &str, now: i64) -> SessionRecord {
+        let live = self.leases.values().filter(|&&exp| exp > now).count() as u32;
+        SessionRecord {
+            id: id.to_string(),
+            user: self.user.clone(),
+            created_at: self.created_at_ms / 1000,
+            expires_at: self.expires_at_ms / 1000,
+            state: match (live, self.attached) {
+                (n, _) if n > 0 => SessionState::Active,
+                (_, true) => SessionState::Detached,
+                _ => SessionState::Created,
+            },
+            connections: live,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Maps {
+    sessions: HashMap<String, Entry>,
+    /// Session id → when the tombstone may be forgotten (Unix ms).
+    tombstones: HashMap<String, i64>,
+}
+
+struct Inner {
+    maps: Mutex<Maps>,
+    revocations: broadcast::Sender<Revocation>,
+}
+
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// Must be called inside a Tokio runtime (it starts the purge task).
+    pub fn new() -> Self {
+        let (tx, _) = broadcast::channel(REVOCATION_CHANNEL);
+        let inner = Arc::new(Inner {
+            maps: Mutex::new(Maps::default()),
+            revocations: tx,
+        });
+        tokio::spawn(purge(Arc::downgrade(&inner)));
+        MemoryStore { inner }
+    }
+
+    /// Runs `f` on a live (unexpired) entry under the lock; the lock is never
+    /// held across an await because no method here awaits while holding it.
+    fn with_live<T>(&self, id: &str, f: impl FnOnce(&mut Entry, i64) -> T) -> Option<T> {
+        let now = now_unix_ms();
+        let mut maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
+        match maps.sessions.get_mut(id) {
+            Some(e) if e.expires_at_ms > now => Some(f(e, now)),
+            Some(_) => {
+                maps.sessions.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+async fn purge(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(PURGE_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = now_unix_ms();
+        let mut maps = inner.maps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.sessions.retain(|_, e| e.expires_at_ms > now);
+        maps.tombstones.retain(|_, &mut until| until > now);
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    d.as_millis() as i64
+}
+
+impl SessionStore for MemoryStore {
+    async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, StoreError> {
+        let now = now_unix_ms();
+        let id = random_id();
+        let entry = Entry {
+            user: user.to_string(),
+            created_at_ms: now,
+            expires_at_ms: now + ms(ttl),
+            attached: false,
+            leases: HashMap::new(),
+        };
+        let record = entry.record(&id, now);
+        let mut maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
+        maps.sessions.insert(id, entry);
+        Ok(record)
+    }
+
+    async fn get(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        Ok(self.with_live(session_id, |e, now| e.record(session_id, now)))
+    }
+
+    async fn touch(
+        &self,
+        session_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        Ok(self.with_live(session_id, |e, now| {
+            e.expires_at_ms = now + ms(ttl);
+            e.record(session_id, now)
+        }))
+    }
+
+    async fn delete(&self, session_id: &str) -> Result<bool, StoreError> {
+        let now = now_unix_ms();
+        let existed = {
+            let mut maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
+            let existed = maps
+                .sessions
+                .remove(session_id)
+                .is_some_and(|e| e.expires_at_ms > now);
+            if existed {
+                maps.tombstones
+                    .insert(session_id.to_string(), now + TOMBSTONE_MS);
+            }
+            existed
+        };
+        if existed {
+            // No receivers is fine: nobody holds a socket.
+            let _ = self.inner.revocations.send(Revocation {
+                session_id: session_id.to_string(),
+                reason: EndReason::Revoked,
+            });
+        }
+        Ok(existed)
+    }
+
+    async fn attach(&self, req: LeaseRequest<'_>) -> Result<Attach, StoreError> {
+        let out = self.with_live(req.session_id, |e, now| {
+            e.leases.retain(|_, &mut exp| exp > now);
+            if e.leases.len() as u32 >= req.max_per_session {
+                return Attach::Full;
+            }
+            e.leases
+                .insert(req.conn_id.to_string(), now + ms(req.lease));
+            e.attached = true;
+            e.expires_at_ms = now + ms(req.session_ttl);
+            Attach::Attached(e.record(req.session_id, now))
+        });
+        Ok(out.unwrap_or(Attach::NotFound))
+    }
+
+    async fn renew(
+        &self,
+        session_id: &str,
+        conn_ids: &[String],
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.with_live(session_id, |e, now| {
+            for c in conn_ids {
+                if let Some(exp) = e.leases.get_mut(c) {
+                    *exp = now + ms(lease);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn detach(&self, session_id: &str, conn_id: &str) -> Result<(), StoreError> {
+        self.with_live(session_id, |e, _| {
+            e.leases.remove(conn_id);
+        });
+        Ok(())
+    }
+
+    async fn mark_idle(&self, session_id: &str) -> Result<(), StoreError> {
+        self.with_live(session_id, |e, now| {
+            if !e.leases.values().any(|&exp| exp > now) {
+                e.attached = false;
+            }
+        });
+        Ok(())
+    }
+
+    async fn liveness(&self, session_ids: &[String]) -> Result<Vec<Liveness>, StoreError> {
+        let now = now_unix_ms();
+        let maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(session_ids
+            .iter()
+            .map(|id| match maps.sessions.get(id) {
+                Some(e) if e.expires_at_ms > now => Liveness::Alive {
+                    expires_at: e.expires_at_ms / 1000,
+                },
+                _ if maps.tombstones.contains_key(id) => Liveness::Gone(EndReason::Revoked),
+                _ => Liveness::Gone(EndReason::Expired),
+            })
+            .collect())
+    }
+
+    fn revocations(&self) -> broadcast::Receiver<Revocation> {
+        self.inner.revocations.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

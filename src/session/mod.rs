@@ -1,0 +1,250 @@
+//! Server-side sessions: the one authority on who may open a socket.
+//!
+//! A session is created in the store *before* any token for it exists, and a
+//! socket is accepted only while it still exists there. Open sockets hold
+//! *leases* in the store (renewed while they live, expiring if a gateway dies)
+//! so `connections` and `state` stay right across instances and crashes.
+
+pub mod memory;
+pub mod redis;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+pub use memory::MemoryStore;
+pub use redis::RedisStore;
+
+/// SPEC §4 `state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// No socket has been opened yet (or, on a shared route, the detached
+    /// upstream was closed after its grace period).
+    Created,
+    /// At least one socket is open on some instance.
+    Active,
+    /// Sockets were open, none is now.
+    Detached,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Created => "CREATED",
+            SessionState::Active => "ACTIVE",
+            SessionState::Detached => "DETACHED",
+        }
+    }
+}
+
+/// A session as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: String,
+    pub user: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; slides on login, refresh and each accepted upgrade.
+    pub expires_at: i64,
+    pub state: SessionState,
+    /// Open sockets on every instance (live leases).
+    pub connections: u32,
+}
+
+/// Why a session's sockets must close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Logged out or deleted: `1008 session_revoked`.
+    Revoked,
+    /// Its TTL ran out: `1008 session_expired`.
+    Expired,
+}
+
+impl EndReason {
+    pub fn close_reason(self) -> &'static str {
+        match self {
+            EndReason::Revoked => "session_revoked",
+            EndReason::Expired => "session_expired",
+        }
+    }
+}
+
+/// A session ended somewhere; every instance closes its sockets for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub session_id: String,
+    pub reason: EndReason,
+}
+
+/// The outcome of asking for a socket lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attach {
+    /// Lease granted; the record reflects the new lease and slid TTL.
+    Attached(SessionRecord),
+    /// The session does not exist (never did, ended, or expired).
+    NotFound,
+    /// `max_connections_per_session` live leases already exist.
+    Full,
+}
+
+/// What a liveness check of a session found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Alive, with its expiry (Unix seconds).
+    Alive {
+        expires_at: i64,
+    },
+    Gone(EndReason),
+}
+
+/// The store could not be reached or answered nonsense. Always retryable:
+/// clients get `503 session_store_unavailable` with `Retry-After`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("session store unavailable: {0}")]
+pub struct StoreError(pub String);
+
+/// Parameters for a lease request.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseRequest<'a> {
+    pub session_id: &'a str,
+    pub conn_id: &'a str,
+    /// A lease not renewed within this long is dropped (the holder died).
+    pub lease: Duration,
+    pub max_per_session: u32,
+    /// The session TTL to slide to.
+    pub session_ttl: Duration,
+}
+
+/// The session store. Both implementations pass one conformance suite
+/// (`tests/store_conformance.rs`).
+pub trait SessionStore: Send + Sync + 'static {
+    /// Creates a session with a fresh server-minted id. Atomic: the session
+    /// exists with its TTL, or not at all.
+    fn create(
+        &self,
+        user: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<SessionRecord, StoreError>> + Send;
+
+    fn get(
+        &self,
+        session_id: &str,
+    ) -> impl Future<Output = Result<Option<SessionRecord>, StoreError>> + Send;
+
+    /// Slides the TTL of a live session; `None` when it does not exist.
+    fn touch(
+        &self,
+        session_id: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<SessionRecord>, StoreError>> + Send;
+
+    /// Ends a session and announces the revocation to every instance.
+    /// `false` when it did not exist.
+    fn delete(&self, session_id: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Takes a socket lease: checks existence, prunes dead leases, enforces
+    /// the per-session limit, marks the session attached and slides its TTL,
+    /// all in one atomic step.
+    fn attach(
+        &self,
+        req: LeaseRequest<'_>,
+    ) -> impl Future<Output = Result<Attach, StoreError>> + Send;
+
+    /// Renews the leases of sockets still open on this instance.
+    fn renew(
+        &self,
+        session_id: &str,
+        conn_ids: &[String],
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Releases a socket lease.
+    fn detach(
+        &self,
+        session_id: &str,
+        conn_id: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Marks a session as having no sockets and no kept upstream
+    /// (`CREATED`), used when a shared route's grace period ends.
+    fn mark_idle(&self, session_id: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Checks many sessions in one round trip: the periodic sweep that makes
+    /// a revocation lost in transit (e.g. during a store restart) still count.
+    fn liveness(
+        &self,
+        session_ids: &[String],
+    ) -> impl Future<Output = Result<Vec<Liveness>, StoreError>> + Send;
+
+    /// Revocations announced by any instance (this one included).
+    fn revocations(&self) -> broadcast::Receiver<Revocation>;
+
+    /// Whether the store answers, for `/readyz`.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The configured store, chosen by `sessions.store`. An enum rather than a
+/// trait object so calls on the hot path are static.
+pub enum Store {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Memory($s) => $e,
+            Store::Redis($s) => $e,
+        }
+    };
+}
+
+impl SessionStore for Store {
+    async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, StoreError> {
+        dispatch!(self, s => s.create(user, ttl).await)
+    }
+    async fn get(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        dispatch!(self, s => s.get(session_id).await)
+    }
+    async fn touch(
+        &self,
+        session_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        dispatch!(self, s => s.touch(session_id, ttl).await)
+    }
+    async fn delete(&self, session_id: &str) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.delete(session_id).await)
+    }
+    async fn attach(&self, req: LeaseRequest<'_>) -> Result<Attach, StoreError> {
+        dispatch!(self, s => s.attach(req).await)
+    }
+    async fn renew(
+        &self,
+        session_id: &str,
+        conn_ids: &[String],
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, s => s.renew(session_id, conn_ids, lease).await)
+    }
+    async fn detach(&self, session_id: &str, conn_id: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.detach(session_id, conn_id).await)
+    }
+    async fn mark_idle(&self, session_id: &str) -> Result<(), StoreError> {
+        dispatch!(self, s => s.mark_idle(session_id).await)
+    }
+    async fn liveness(&self, session_ids: &[String]) -> Result<Vec<Liveness>, StoreError> {
+        dispatch!(self, s => s.liveness(session_ids).await)
+    }
+    fn revocations(&self) -> broadcast::Receiver<Revocation> {
+        dispatch!(self, s => s.revocations())
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+}
+
+/// Capacity of the revocation broadcast; a receiver that lags behind this
+/// falls back to a full sweep, so nothing is lost, only delayed.
+pub const REVOCATION_CHANNEL: usize = 1024;

@@ -1,0 +1,770 @@
+//! One behaviour for every `SessionStore`: each case is written once, generic
+//! over the store, and run against `MemoryStore` and `RedisStore` (a fresh
+//! `redis-server` per test). Redis-only properties (TTLs on the keys, outages,
+//! several instances) follow in `redis_only`.
+
+mod support;
+
+use std::future::Future;
+use std::time::Duration;
+
+use portcullis::session::{LeaseRequest, RedisStore};
+use tokio::time::{Instant, timeout};
+
+use support::redis::RedisServer;
+
+/// Upper bound on waiting for anything that should happen promptly.
+const WAIT: Duration = Duration::from_secs(5);
+const PREFIX: &str = "pc-test";
+
+fn lease<'a>(session_id: &'a str, conn_id: &'a str) -> LeaseRequest<'a> {
+    LeaseRequest {
+        session_id,
+        conn_id,
+        lease: Duration::from_secs(30),
+        max_per_session: 8,
+        session_ttl: Duration::from_secs(60),
+    }
+}
+
+/// Polls `check` until it holds; for effects that have no event to await
+/// (TTL and lease expiry).
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn connect_redis(server: &RedisServer) -> RedisStore {
+    let store = RedisStore::connect(&server.url(), PREFIX)
+        .await
+        .expect("connect to redis");
+    wait_subscribed(&store, true).await;
+    store
+}
+
+async fn wait_subscribed(store: &RedisStore, want: bool) {
+    let mut state = store.subscription();
+    timeout(WAIT, state.wait_for(|s| *s == want))
+        .await
+        .unwrap_or_else(|_| panic!("subscription state {want} not reached within {WAIT:?}"))
+        .expect("subscription task alive");
+}
+
+/// The cases every store must pass.
+mod cases {
+    use std::time::Duration;
+
+    use portcullis::ids::{looks_like_id, random_id};
+    use portcullis::session::{
+        Attach, EndReason, LeaseRequest, Liveness, Revocation, SessionRecord, SessionState,
+        SessionStore,
+    };
+    use portcullis::time::now_unix;
+    use tokio::time::timeout;
+
+    use super::{WAIT, eventually, lease};
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    async fn attached<S: SessionStore>(store: &S, req: LeaseRequest<'_>) -> SessionRecord {
+        match store.attach(req).await.expect("attach") {
+            Attach::Attached(record) => record,
+            other => panic!("expected Attached, got {other:?}"),
+        }
+    }
+
+    async fn get<S: SessionStore>(store: &S, id: &str) -> SessionRecord {
+        store.get(id).await.expect("get").expect("session exists")
+    }
+
+    pub async fn create_then_get<S: SessionStore>(store: &S) {
+        let before = now_unix();
+        let created = store.create("alice", MINUTE).await.expect("create");
+        let after = now_unix();
+
+        assert_eq!(created.user, "alice");
+        assert_eq!(created.state, SessionState::Created);
+        assert_eq!(created.connections, 0);
+        assert!(
+            (before..=after).contains(&created.created_at),
+            "{created:?}"
+        );
+        assert!(
+            (before + 59..=after + 60).contains(&created.expires_at),
+            "{created:?}"
+        );
+        assert_eq!(get(store, &created.id).await, created);
+    }
+
+    pub async fn ids_are_distinct_and_well_formed<S: SessionStore>(store: &S) {
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let id = store.create("alice", MINUTE).await.expect("create").id;
+            assert_eq!(id.len(), 22, "{id}");
+            assert!(looks_like_id(&id), "{id}");
+            assert!(ids.insert(id), "duplicate id");
+        }
+    }
+
+    pub async fn touch_slides_expiry<S: SessionStore>(store: &S) {
+        let created = store
+            .create("alice", Duration::from_secs(10))
+            .await
+            .expect("create");
+        let touched = store
+            .touch(&created.id, Duration::from_secs(100))
+            .await
+            .expect("touch")
+            .expect("session exists");
+        assert!(
+            touched.expires_at >= created.expires_at + 89,
+            "{created:?} -> {touched:?}"
+        );
+        assert_eq!(touched.created_at, created.created_at);
+        assert_eq!(touched.state, SessionState::Created);
+        assert_eq!(get(store, &created.id).await, touched);
+    }
+
+    pub async fn touch_unknown_is_none<S: SessionStore>(store: &S) {
+        assert_eq!(
+            store.touch(&random_id(), MINUTE).await.expect("touch"),
+            None
+        );
+    }
+
+    pub async fn delete_ends_session_and_announces_it<S: SessionStore>(store: &S) {
+        let mut revocations = store.revocations();
+        let first = store.create("alice", MINUTE).await.expect("create");
+        let second = store.create("alice", MINUTE).await.expect("create");
+
+        assert!(store.delete(&first.id).await.expect("delete"));
+        let heard = timeout(WAIT, revocations.recv())
+            .await
+            .expect("revocation within the deadline")
+            .expect("revocation channel open");
+        assert_eq!(
+            heard,
+            Revocation {
+                session_id: first.id.clone(),
+                reason: EndReason::Revoked
+            }
+        );
+
+        assert!(!store.delete(&first.id).await.expect("delete again"));
+        assert_eq!(store.get(&first.id).await.expect("get"), None);
+
+        // A failed delete announces nothing: the next announcement is the
+        // next real delete.
+        assert!(store.delete(&second.id).await.expect("delete"));
+        let heard = timeout(WAIT, revocations.recv())
+            .await
+            .expect("revocation within the deadline")
+            .expect("revocation channel open");
+        assert_eq!(heard.session_id, second.id);
+    }
+
+    pub async fn attach_makes_session_active<S: SessionStore>(store: &S) {
+        let created = store
+            .create("alice", Duration::from_secs(10))
+            .await
+            .expect("create");
+        let record = attached(
+            store,
+            LeaseRequest {
+                session_ttl: Duration::from_secs(100),
+                ..lease(&created.id, "c1")
+            },
+        )
+        .await;
+        assert_eq!(record.state, SessionState::Active);
+        assert_eq!(record.connections, 1);
+        assert!(
+            record.expires_at >= created.expires_at + 89,
+            "TTL slid: {record:?}"
+        );
+        assert_eq!(get(store, &created.id).await, record);
+    }
+
+    pub async fn attach_beyond_limit_is_full<S: SessionStore>(store: &S) {
+        let created = store.create("alice", MINUTE).await.expect("create");
+        let limited = |conn| LeaseRequest {
+            max_per_session: 2,
+            ..lease(&created.id, conn)
+        };
+        attached(store, limited("c1")).await;
+        attached(store, limited("c2")).await;
+        assert_eq!(
+            store.attach(limited("c3")).await.expect("attach"),
+            Attach::Full
+        );
+        assert_eq!(get(store, &created.id).await.connections, 2);
+
+        // Releasing a lease makes room again.
+        store.detach(&created.id, "c1").await.expect("detach");
+        assert_eq!(attached(store, limited("c3")).await.connections, 2);
+    }
+
+    pub async fn detach_leaves_session_detached<S: SessionStore>(store: &S) {
+        let created = store.create("alice", MINUTE).await.expect("create");
+        attached(store, lease(&created.id, "c1")).await;
+        store.detach(&created.id, "c1").await.expect("detach");
+        let record = get(store, &created.id).await;
+        assert_eq!(record.state, SessionState::Detached);
+        assert_eq!(record.connections, 0);
+    }
+
+    pub async fn unrenewed_lease_expires<S: SessionStore>(store: &S) {
+        let created = store.create("alice", MINUTE).await.expect("create");
+        let short = |conn| LeaseRequest {
+            lease: Duration::from_millis(300),
+            max_per_session: 1,
+            ..lease(&created.id, conn)
+        };
+        assert_eq!(attached(store, short("c1")).await.connections, 1);
+        eventually("the unrenewed lease lapses", WAIT, || async {
+            get(store, &created.id).await.connections == 0
+        })
+        .await;
+        assert_eq!(get(store, &created.id).await.state, SessionState::Detached);
+        // The dead lease no longer counts against the limit.
+        assert_eq!(attached(store, short("c2")).await.connections, 1);
+    }
+
+    pub async fn renewed_lease_stays_alive<S: SessionStore>(store: &S) {
+        let created = store.create("alice", MINUTE).await.expect("create");
+        let lease_for = Duration::from_millis(1000);
+        let short = |conn| LeaseRequest {
+            lease: lease_for,
+            ..lease(&created.id, conn)
+        };
+        attached(store, short("c1")).await;
+        attached(store, short("c2")).await;
+        // Only c1 is renewed. The sleeps pace the renewals, they do not
+        // synchronise anything: each renewal leaves 850 ms of slack.
+        let kept = ["c1".to_string()];
+        let started = tokio::time::Instant::now();
+        while started.elapsed() < Duration::from_millis(1500) {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            store
+                .renew(&created.id, &kept, lease_for)
+                .await
+                .expect("renew");
+        }
+        let record = get(store, &created.id).await;
+        assert_eq!(record.connections, 1, "c1 renewed, c2 lapsed: {record:?}");
+        assert_eq!(record.state, SessionState::Active);
+    }
+
+    pub async fn mark_idle_returns_to_created<S: SessionStore>(store: &S) {
+        let created = store.create("alice", MINUTE).await.expect("create");
+        attached(store, lease(&created.id, "c1")).await;
+
+        store.mark_idle(&created.id).await.expect("mark_idle");
+        assert_eq!(
+            get(store, &created.id).await.state,
+            SessionState::Active,
+            "a live lease keeps it active"
+        );
+
+        store.detach(&created.id, "c1").await.expect("detach");
+        assert_eq!(get(store, &created.id).await.state, SessionState::Detached);
+        store.mark_idle(&created.id).await.expect("mark_idle");
+        let record = get(store, &created.id).await;
+        assert_eq!(record.state, SessionState::Created);
+        assert_eq!(record.connections, 0);
+    }
+
+    pub async fn attach_unknown_is_not_found<S: SessionStore>(store: &S) {
+        let unknown = random_id();
+        assert_eq!(
+            store.attach(lease(&unknown, "c1")).await.expect("attach"),
+            Attach::NotFound
+        );
+        assert_eq!(store.get(&unknown).await.expect("get"), None);
+    }
+
+    pub async fn calls_on_unknown_sessions_are_harmless<S: SessionStore>(store: &S) {
+        let unknown = random_id();
+        let conns = ["c1".to_string()];
+        store
+            .renew(&unknown, &conns, MINUTE)
+            .await
+            .expect("renew unknown");
+        store.detach(&unknown, "c1").await.expect("detach unknown");
+        store.mark_idle(&unknown).await.expect("mark_idle unknown");
+        store
+            .renew(&unknown, &[], MINUTE)
+            .await
+            .expect("renew nothing");
+        assert!(!store.delete(&unknown).await.expect("delete unknown"));
+        assert_eq!(store.get(&unknown).await.expect("get"), None);
+    }
+
+    pub async fn session_expires_after_its_ttl<S: SessionStore>(store: &S) {
+        let created = store
+            .create("alice", Duration::from_secs(1))
+            .await
+            .expect("create");
+        assert!(store.get(&created.id).await.expect("get").is_some());
+        eventually("the session expires", WAIT, || async {
+            store.get(&created.id).await.expect("get").is_none()
+        })
+        .await;
+        let id = [created.id.clone()];
+        assert_eq!(
+            store.liveness(&id).await.expect("liveness"),
+            vec![Liveness::Gone(EndReason::Expired)]
+        );
+        assert_eq!(
+            store
+                .attach(lease(&created.id, "c1"))
+                .await
+                .expect("attach"),
+            Attach::NotFound
+        );
+        assert_eq!(store.touch(&created.id, MINUTE).await.expect("touch"), None);
+        assert!(!store.delete(&created.id).await.expect("delete"));
+    }
+
+    pub async fn liveness_after_delete_is_revoked<S: SessionStore>(store: &S) {
+        let created = store.create("alice", MINUTE).await.expect("create");
+        assert!(store.delete(&created.id).await.expect("delete"));
+        assert_eq!(
+            store
+                .liveness(std::slice::from_ref(&created.id))
+                .await
+                .expect("liveness"),
+            vec![Liveness::Gone(EndReason::Revoked)]
+        );
+    }
+
+    pub async fn liveness_of_many_in_one_call<S: SessionStore>(store: &S) {
+        let alive = store.create("alice", MINUTE).await.expect("create");
+        let deleted = store.create("alice", MINUTE).await.expect("create");
+        let later = store
+            .create("bob", Duration::from_secs(120))
+            .await
+            .expect("create");
+        assert!(store.delete(&deleted.id).await.expect("delete"));
+
+        let mut ids = vec![
+            alive.id.clone(),
+            deleted.id.clone(),
+            random_id(),
+            later.id.clone(),
+        ];
+        let mut expected = vec![
+            Liveness::Alive {
+                expires_at: alive.expires_at,
+            },
+            Liveness::Gone(EndReason::Revoked),
+            Liveness::Gone(EndReason::Expired),
+            Liveness::Alive {
+                expires_at: later.expires_at,
+            },
+        ];
+        // Enough ids that answering them one by one would show.
+        for _ in 0..200 {
+            ids.push(random_id());
+            expected.push(Liveness::Gone(EndReason::Expired));
+        }
+        assert_eq!(store.liveness(&ids).await.expect("liveness"), expected);
+        assert_eq!(store.liveness(&[]).await.expect("liveness"), vec![]);
+    }
+}
+
+/// Generates `memory_store::<case>` and `redis_store::<case>` for each case.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod memory_store {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let store = portcullis::session::MemoryStore::new();
+                    crate::cases::$case(&store).await;
+                }
+            )*
+        }
+
+        mod redis_store {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let server = crate::support::redis::RedisServer::start().await;
+                    let store = crate::connect_redis(&server).await;
+                    crate::cases::$case(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    create_then_get,
+    ids_are_distinct_and_well_formed,
+    touch_slides_expiry,
+    touch_unknown_is_none,
+    delete_ends_session_and_announces_it,
+    attach_makes_session_active,
+    attach_beyond_limit_is_full,
+    detach_leaves_session_detached,
+    unrenewed_lease_expires,
+    renewed_lease_stays_alive,
+    mark_idle_returns_to_created,
+    attach_unknown_is_not_found,
+    calls_on_unknown_sessions_are_harmless,
+    session_expires_after_its_ttl,
+    liveness_after_delete_is_revoked,
+    liveness_of_many_in_one_call,
+);
+
+mod redis_only {
+    use std::time::Duration;
+
+    use portcullis::session::{
+        Attach, EndReason, LeaseRequest, RedisStore, Revocation, SessionStore, StoreError,
+    };
+    use portcullis::time::now_unix_ms;
+    use redis::aio::MultiplexedConnection;
+    use tokio::sync::broadcast::error::RecvError;
+    use tokio::time::{Instant, timeout};
+
+    use crate::support::redis::RedisServer;
+    use crate::{PREFIX, WAIT, connect_redis, eventually, lease, wait_subscribed};
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+        redis::cmd("PTTL")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .expect("PTTL")
+    }
+
+    async fn exists(conn: &mut MultiplexedConnection, key: &str) -> bool {
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .expect("EXISTS")
+    }
+
+    fn key(kind: &str, sid: &str) -> String {
+        format!("{PREFIX}:{kind}:{{{sid}}}")
+    }
+
+    /// A call against a dead Redis must fail, and fail fast.
+    async fn fails_fast<T: std::fmt::Debug>(
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) {
+        let started = Instant::now();
+        let result = timeout(Duration::from_secs(3), call)
+            .await
+            .unwrap_or_else(|_| panic!("{what} hung with Redis down"));
+        assert!(
+            result.is_err(),
+            "{what} succeeded with Redis down: {result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn keys_use_the_hash_tag_and_always_carry_a_ttl() {
+        let server = RedisServer::start().await;
+        let store = connect_redis(&server).await;
+        let mut raw = server.client().await;
+
+        let created = store.create("alice", MINUTE).await.expect("create");
+        let session = key("session", &created.id);
+        let conns = key("conns", &created.id);
+        assert!(session.contains(&format!("{{{}}}", created.id)));
+        let ttl = pttl(&mut raw, &session).await;
+        assert!(ttl > 0 && ttl <= 60_000, "session PTTL {ttl}");
+        let stored: (String, i64, i64) = redis::cmd("HMGET")
+            .arg(&session)
+            .arg(&["user", "created_at", "expires_at"])
+            .query_async(&mut raw)
+            .await
+            .expect("HMGET");
+        assert_eq!(stored.0, "alice");
+        assert_eq!(stored.1 / 1000, created.created_at, "created_at in ms");
+        assert_eq!(stored.2 - stored.1, 60_000, "expires_at in ms");
+
+        store
+            .attach(lease(&created.id, "c1"))
+            .await
+            .expect("attach");
+        let ttl = pttl(&mut raw, &session).await;
+        assert!(ttl > 0 && ttl <= 60_000, "session PTTL after attach {ttl}");
+        let ttl = pttl(&mut raw, &conns).await;
+        assert!(
+            ttl > 0 && ttl <= 60_000,
+            "lease set PTTL after attach {ttl}"
+        );
+        let expiry: i64 = redis::cmd("ZSCORE")
+            .arg(&conns)
+            .arg("c1")
+            .query_async(&mut raw)
+            .await
+            .expect("ZSCORE");
+        assert!(
+            expiry > now_unix_ms(),
+            "lease expiry {expiry} is in the future"
+        );
+
+        // Touch slides both keys, so leases never outlive or undercut the
+        // session.
+        store
+            .touch(&created.id, Duration::from_secs(120))
+            .await
+            .expect("touch");
+        assert!(pttl(&mut raw, &session).await > 60_000);
+        assert!(pttl(&mut raw, &conns).await > 60_000);
+
+        store.delete(&created.id).await.expect("delete");
+        assert!(!exists(&mut raw, &session).await);
+        assert!(!exists(&mut raw, &conns).await);
+        let ttl = pttl(&mut raw, &key("revoked", &created.id)).await;
+        assert!(ttl > 0 && ttl <= 600_000, "tombstone PTTL {ttl}");
+    }
+
+    #[tokio::test]
+    async fn no_key_is_ever_left_without_expiry() {
+        let server = RedisServer::start().await;
+        let store = connect_redis(&server).await;
+        let mut raw = server.client().await;
+
+        for n in 0..5 {
+            let s = store.create("alice", MINUTE).await.expect("create");
+            store.attach(lease(&s.id, "c1")).await.expect("attach");
+            store.attach(lease(&s.id, "c2")).await.expect("attach");
+            let kept = ["c1".to_string()];
+            store.renew(&s.id, &kept, MINUTE).await.expect("renew");
+            store.detach(&s.id, "c2").await.expect("detach");
+            store.touch(&s.id, MINUTE).await.expect("touch");
+            store.mark_idle(&s.id).await.expect("mark_idle");
+            if n % 2 == 0 {
+                store.delete(&s.id).await.expect("delete");
+            }
+        }
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{PREFIX}:*"))
+            .query_async(&mut raw)
+            .await
+            .expect("KEYS");
+        assert!(!keys.is_empty());
+        for k in keys {
+            let ttl = pttl(&mut raw, &k).await;
+            assert!(ttl > 0, "{k} has PTTL {ttl}");
+        }
+    }
+
+    #[tokio::test]
+    async fn leases_count_across_instances() {
+        let server = RedisServer::start().await;
+        let a = connect_redis(&server).await;
+        let b = connect_redis(&server).await;
+        let created = a.create("alice", MINUTE).await.expect("create");
+        let limited = |conn| LeaseRequest {
+            max_per_session: 2,
+            ..lease(&created.id, conn)
+        };
+        assert!(matches!(
+            a.attach(limited("a1")).await,
+            Ok(Attach::Attached(_))
+        ));
+        assert!(matches!(
+            b.attach(limited("b1")).await,
+            Ok(Attach::Attached(_))
+        ));
+        assert_eq!(a.attach(limited("a2")).await.expect("attach"), Attach::Full);
+        let seen = b.get(&created.id).await.expect("get").expect("exists");
+        assert_eq!(seen.connections, 2);
+    }
+
+    #[tokio::test]
+    async fn fails_fast_while_redis_is_down_and_recovers_without_a_new_store() {
+        let mut server = RedisServer::start().await;
+        let store = connect_redis(&server).await;
+        let created = store.create("alice", MINUTE).await.expect("create");
+
+        server.stop().await;
+        fails_fast("get", store.get(&created.id)).await;
+        fails_fast("create", store.create("alice", MINUTE)).await;
+        fails_fast("touch", store.touch(&created.id, MINUTE)).await;
+        fails_fast("attach", store.attach(lease(&created.id, "c1"))).await;
+        fails_fast(
+            "liveness",
+            store.liveness(std::slice::from_ref(&created.id)),
+        )
+        .await;
+        fails_fast("delete", store.delete(&created.id)).await;
+        fails_fast("ping", store.ping()).await;
+
+        server.start_again().await;
+        // The first call after the restart already works: the dead
+        // connection is replaced and the call retried.
+        let again = timeout(WAIT, store.create("alice", MINUTE))
+            .await
+            .expect("bounded")
+            .expect("create works again after Redis restarted");
+        let got = store.get(&again.id).await.expect("get").expect("exists");
+        assert_eq!(got, again);
+        store.ping().await.expect("ping");
+        // Nothing was persisted across the restart.
+        assert_eq!(store.get(&created.id).await.expect("get"), None);
+    }
+
+    #[tokio::test]
+    async fn recovers_after_an_idle_restart() {
+        let mut server = RedisServer::start().await;
+        let store = connect_redis(&server).await;
+        store.ping().await.expect("ping");
+        // No call while Redis is away: the first call after it is back finds
+        // a dead connection.
+        server.stop().await;
+        server.start_again().await;
+        let created = timeout(WAIT, store.create("alice", MINUTE))
+            .await
+            .expect("bounded")
+            .expect("create after an idle restart");
+        assert!(store.get(&created.id).await.expect("get").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_hung_redis_gives_errors_not_hangs() {
+        let server = RedisServer::start().await;
+        let store = connect_redis(&server).await;
+        let created = store.create("alice", MINUTE).await.expect("create");
+
+        server.pause();
+        fails_fast("get", store.get(&created.id)).await;
+        fails_fast("ping", store.ping()).await;
+        fails_fast("create", store.create("alice", MINUTE)).await;
+
+        server.resume();
+        // The timed-out connection is replaced by a fresh one; a late reply
+        // on the old one must not be mistaken for an answer.
+        let got = timeout(WAIT, store.get(&created.id))
+            .await
+            .expect("bounded")
+            .expect("get after Redis resumed");
+        assert_eq!(got, Some(created));
+    }
+
+    #[tokio::test]
+    async fn starts_while_redis_is_down() {
+        let mut server = RedisServer::start().await;
+        server.stop().await;
+
+        let started = Instant::now();
+        let store = timeout(
+            Duration::from_secs(3),
+            RedisStore::connect(&server.url(), PREFIX),
+        )
+        .await
+        .expect("connect is bounded")
+        .expect("connect succeeds without Redis");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        fails_fast("ping", store.ping()).await;
+        assert!(!*store.subscription().borrow());
+
+        server.start_again().await;
+        store.ping().await.expect("ping once Redis is up");
+        let created = store.create("alice", MINUTE).await.expect("create");
+        assert!(store.get(&created.id).await.expect("get").is_some());
+        wait_subscribed(&store, true).await;
+    }
+
+    #[tokio::test]
+    async fn revocations_reach_other_instances() {
+        let server = RedisServer::start().await;
+        let a = connect_redis(&server).await;
+        let b = connect_redis(&server).await;
+        let mut heard_by_a = a.revocations();
+
+        let created = b.create("alice", MINUTE).await.expect("create");
+        assert!(b.delete(&created.id).await.expect("delete"));
+        let heard = timeout(WAIT, heard_by_a.recv())
+            .await
+            .expect("revocation within the deadline")
+            .expect("channel open");
+        assert_eq!(
+            heard,
+            Revocation {
+                session_id: created.id,
+                reason: EndReason::Revoked
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn revocations_resume_after_a_redis_restart() {
+        let mut server = RedisServer::start().await;
+        let a = connect_redis(&server).await;
+        let b = connect_redis(&server).await;
+        let mut heard_by_a = a.revocations();
+
+        server.stop().await;
+        wait_subscribed(&a, false).await;
+        server.start_again().await;
+        wait_subscribed(&a, true).await;
+
+        let created = timeout(WAIT, b.create("alice", MINUTE))
+            .await
+            .expect("bounded")
+            .expect("create after restart");
+        assert!(b.delete(&created.id).await.expect("delete"));
+        let heard = timeout(WAIT, heard_by_a.recv())
+            .await
+            .expect("revocation after resubscribing")
+            .expect("channel open");
+        assert_eq!(heard.session_id, created.id);
+    }
+
+    #[tokio::test]
+    async fn subscription_ends_with_the_store() {
+        let server = RedisServer::start().await;
+        let store = connect_redis(&server).await;
+        let mut raw = server.client().await;
+        let mut revocations = store.revocations();
+        let channel = format!("{PREFIX}:revocations");
+        let subscribers = |raw: &mut MultiplexedConnection| {
+            let mut raw = raw.clone();
+            let channel = channel.clone();
+            async move {
+                let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(&channel)
+                    .query_async(&mut raw)
+                    .await
+                    .expect("PUBSUB NUMSUB");
+                n
+            }
+        };
+        assert_eq!(subscribers(&mut raw).await, 1);
+
+        drop(store);
+        let end = timeout(WAIT, revocations.recv())
+            .await
+            .expect("receiver sees the end");
+        assert_eq!(end, Err(RecvError::Closed));
+        eventually("the subscriber connection closes", WAIT, || {
+            let count = subscribers(&mut raw);
+            async move { count.await == 0 }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,170 @@
+//! The real `portcullis` binary, started on a free port with a config
+//! written for the test, its log captured to a file.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const SIGNING_KEY: &str = "test-signing-key-0123456789abcdef-0123456789";
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// argon2id hash of [`PASSWORD`], computed once per test binary.
+pub fn password_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| portcullis::auth::password::hash_password(PASSWORD.as_bytes()))
+}
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub log_path: PathBuf,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-test-{}", portcullis::ids::random_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A config with users alice and bob (password [`PASSWORD`]) and `extra`
+/// appended (routes, overrides). `store` is `memory` or a Redis URL.
+pub fn config(store: Option<&str>, extra: &str) -> String {
+    let sessions = match store {
+        Some(url) => {
+            format!("[sessions]\nstore = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"pt\"\n")
+        }
+        None => "[sessions]\nstore = \"memory\"\n".to_string(),
+    };
+    let hash = password_hash();
+    format!(
+        r#"
+{sessions}
+[auth]
+kind = "static"
+[[auth.users]]
+username = "alice"
+password_hash = "{hash}"
+[[auth.users]]
+username = "bob"
+password_hash = "{hash}"
+
+{extra}
+"#
+    )
+}
+
+impl Gateway {
+    /// Starts the binary with `toml` (which must not set `server.listen`;
+    /// `[server]` keys go in `server_extra`).
+    pub fn start(server_extra: &str, toml: &str) -> Gateway {
+        Self::start_with_env(server_extra, toml, &[])
+    }
+
+    pub fn start_with_env(server_extra: &str, toml: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = TempDir::new();
+        let cfg = dir.0.join("portcullis.toml");
+        let full = format!("[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n{toml}");
+        std::fs::write(&cfg, full).unwrap();
+        let log_path = dir.0.join("gateway.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("PORTCULLIS_SIGNING_KEY", SIGNING_KEY)
+            .env("PORTCULLIS_LOG", "debug,hyper=info,redis=info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("starting portcullis");
+        let stdout = child.stdout.take().unwrap();
+        // Read the address line on a thread so a gateway that never prints
+        // fails the test after a bound instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if let Some(addr) = line.strip_prefix("portcullis listening on http://") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "gateway did not report its address; log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+        };
+        Gateway {
+            child: Some(child),
+            addr,
+            log_path,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut().unwrap();
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
