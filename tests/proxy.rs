@@ -1,0 +1,264 @@
+//! SPEC §6 frames: what passes through an accepted socket, unchanged, and
+//! the close codes the gateway uses.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use support::gateway::{Gateway, config};
+use support::http::login;
+use support::upstream::{Upstream, to_hex};
+use support::ws::{self, expect_close};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+const LIMIT: usize = 4096;
+
+async fn setup() -> (Upstream, Gateway, String) {
+    let up = Upstream::start().await;
+    let route = format!(
+        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nmax_message_bytes = {LIMIT}\nupstreams = [\"{}\"]\n",
+        up.url("/")
+    );
+    let gw = Gateway::start("", &config(None, &route));
+    let token = login(gw.addr, "alice").await["session_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (up, gw, token)
+}
+
+fn frame_bytes(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Frame::message(payload.to_vec(), opcode, fin)
+        .format(&mut out)
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn text_binary_ping_and_limit_sized_messages_round_trip() {
+    let (_up, gw, token) = setup().await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
+    s.send(Message::text("héllo ✓")).await.unwrap();
+    assert_eq!(ws::next(&mut s).await, Message::text("héllo ✓"));
+    let bin: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+    s.send(Message::binary(bin.clone())).await.unwrap();
+    assert_eq!(ws::next(&mut s).await, Message::binary(bin));
+    let exact = vec![7u8; LIMIT];
+    s.send(Message::binary(exact.clone())).await.unwrap();
+    assert_eq!(
+        ws::next(&mut s).await,
+        Message::binary(exact),
+        "a message exactly at the limit passes"
+    );
+
+    // A ping goes to the runtime, whose pong comes back with the same payload.
+    s.send(Message::Ping("are-you-there".into())).await.unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            use futures_util::StreamExt;
+            match s.next().await {
+                Some(Ok(Message::Pong(p))) => return p,
+                Some(Ok(_)) => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no pong");
+    assert_eq!(&pong[..], b"are-you-there");
+}
+
+#[tokio::test]
+async fn fragmented_message_from_client_arrives_whole() {
+    let (_up, gw, token) = setup().await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
+    s.send(Message::Frame(Frame::message(
+        &b"frag"[..],
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    s.send(Message::Frame(Frame::message(
+        &b"men"[..],
+        OpCode::Data(Data::Continue),
+        false,
+    )))
+    .await
+    .unwrap();
+    s.send(Message::Frame(Frame::message(
+        &b"ted"[..],
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
+    assert_eq!(ws::next(&mut s).await, Message::text("fragmented"));
+}
+
+/// A raw client: the upgrade by hand, then bytes compared exactly.
+async fn raw_upgrade(gw: &Gateway, token: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!(
+        "GET /ws/echo HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Authorization: Bearer {token}\r\n\r\n",
+        gw.addr
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
+            .await
+            .expect("no 101")
+            .unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "accept key per RFC 6455: {head}"
+    );
+    s
+}
+
+fn masked(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut f = Frame::message(payload.to_vec(), opcode, fin);
+    f.header_mut().mask = Some([9, 8, 7, 6]);
+    let mut out = Vec::new();
+    f.format(&mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn runtime_frames_reach_the_client_byte_for_byte() {
+    let (_up, gw, token) = setup().await;
+    let mut s = raw_upgrade(&gw, &token).await;
+    // Fragments with a ping between them, exactly as the runtime wrote them.
+    let mut expected = frame_bytes(OpCode::Data(Data::Text), false, b"ab");
+    Frame::ping(&b"p"[..]).format(&mut expected).unwrap();
+    expected.extend(frame_bytes(OpCode::Data(Data::Continue), true, b"cd"));
+    let cmd = format!("raw:{}", to_hex(&expected));
+    s.write_all(&masked(OpCode::Data(Data::Text), true, cmd.as_bytes()))
+        .await
+        .unwrap();
+    let mut got = vec![0u8; expected.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("frames did not arrive")
+        .unwrap();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
+async fn oversized_client_message_is_closed_1009() {
+    let (_up, gw, token) = setup().await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
+    s.send(Message::binary(vec![1u8; LIMIT + 1])).await.unwrap();
+    let (code, reason) = expect_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (1009, "message_too_big"));
+}
+
+#[tokio::test]
+async fn oversized_fragmented_message_is_caught_across_fragments() {
+    let (_up, gw, token) = setup().await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
+    let half = vec![b'a'; LIMIT / 2 + 1];
+    s.send(Message::Frame(Frame::message(
+        half.clone(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    s.send(Message::Frame(Frame::message(
+        half,
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
+    let (code, _) = expect_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(code, 1009);
+}
+
+#[tokio::test]
+async fn oversized_runtime_message_is_closed_1009() {
+    let (_up, gw, token) = setup().await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
+    let big = frame_bytes(OpCode::Data(Data::Binary), true, &vec![0u8; LIMIT + 10]);
+    s.send(Message::text(format!("raw:{}", to_hex(&big))))
+        .await
+        .unwrap();
+    let (code, reason) = expect_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (1009, "message_too_big"));
+}
+
+#[tokio::test]
+async fn runtime_close_code_and_reason_are_relayed() {
+    let (_up, gw, token) = setup().await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
+    s.send(Message::text("close:4001:bye now")).await.unwrap();
+    let (code, reason) = expect_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (4001, "bye now"));
+}
+
+/// Reads one unmasked frame from a raw socket: (opcode byte, payload).
+async fn read_frame(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[1] & 0x80, 0, "frames to a client are never masked");
+        let len = match head[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                s.read_exact(&mut l).await.unwrap();
+                u16::from_be_bytes(l) as usize
+            }
+            127 => panic!("unexpectedly large frame"),
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await.unwrap();
+        (head[0] & 0x0f, payload)
+    })
+    .await
+    .expect("no frame within 5 s")
+}
+
+#[tokio::test]
+async fn runtime_vanishing_without_close_is_1014() {
+    // Read raw: tungstenite clients rewrite 1014 (IANA "Bad Gateway") to
+    // 1002 because their code table predates it; browsers accept it.
+    let (_up, gw, token) = setup().await;
+    let mut s = raw_upgrade(&gw, &token).await;
+    s.write_all(&masked(OpCode::Data(Data::Text), true, b"die"))
+        .await
+        .unwrap();
+    let (opcode, payload) = read_frame(&mut s).await;
+    assert_eq!(opcode, 0x8, "a close frame");
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1014);
+    assert_eq!(&payload[2..], b"upstream_unavailable");
+}
+
+#[tokio::test]
+async fn client_close_handshake_completes_through_the_gateway() {
+    let (_up, gw, token) = setup().await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
+    s.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: 1000.into(),
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    // The runtime's close reply comes back through the gateway.
+    let (code, _) = expect_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(code, 1000);
+}
