@@ -6,6 +6,7 @@ use crate::auth::Authenticator;
 use crate::auth::ratelimit::LoginLimiter;
 use crate::config::{Config, Loaded, StoreKind};
 use crate::gate::registry::Registry;
+use crate::hub::Hubs;
 use crate::routing::{Route, RouteTable};
 use crate::session::{MemoryStore, RedisStore, Store, StoreError};
 use crate::shutdown::Shutdown;
@@ -30,6 +31,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Sockets open on this instance, by session.
     pub registry: Registry,
+    /// Shared-session hubs by (session, route).
+    pub hubs: Hubs,
     /// Every socket task is tracked here so shutdown can close and drain it.
     pub shutdown: Shutdown,
     /// HTML served at `/` by `portcullis demo` only.
@@ -68,6 +71,7 @@ impl App {
             limiter: LoginLimiter::new(config.auth.login_attempts_per_minute),
             metrics: Metrics::new(),
             registry: Registry::new(config.server.max_connections),
+            hubs: Hubs::default(),
             shutdown: Shutdown::new(),
             demo_page: None,
             routes,

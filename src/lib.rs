@@ -12,6 +12,8 @@
 //! - [`gate`]: the ordered upgrade checks of SPEC §6, the registry of open
 //!   sockets, and the revocation / expiry / lease maintenance tasks.
 //! - [`proxy`]: upstream dial, frame-boundary tracking, the byte relay.
+//! - [`hub`]: shared sessions: one runtime connection per (session, route),
+//!   owner/reader viewports, the numbered replay ring, detach grace.
 //! - [`http`]: the HTTP API of SPEC §4 and the one error → response mapping.
 //! - [`server`]: the accept loop, connection limits, hyper per connection.
 //! - [`telemetry`]: Prometheus metrics and log redaction.
@@ -24,6 +26,7 @@ pub mod demo;
 pub mod error;
 pub mod gate;
 pub mod http;
+pub mod hub;
 pub mod ids;
 pub mod proxy;
 pub mod routing;

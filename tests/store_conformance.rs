@@ -665,6 +665,35 @@ mod redis_only {
     }
 
     #[tokio::test]
+    async fn a_hung_redis_is_noticed_by_the_subscription() {
+        let server = RedisServer::start().await;
+        let a = connect_redis(&server).await;
+        let b = connect_redis(&server).await;
+        let mut heard_by_a = a.revocations();
+
+        // A frozen server closes nothing; only the heartbeat can notice.
+        server.pause();
+        let mut state = a.subscription();
+        timeout(Duration::from_secs(10), state.wait_for(|s| !*s))
+            .await
+            .expect("the heartbeat notices a hung Redis")
+            .expect("subscription task alive");
+
+        server.resume();
+        wait_subscribed(&a, true).await;
+        let created = timeout(WAIT, b.create("alice", MINUTE))
+            .await
+            .expect("bounded")
+            .expect("create after Redis resumed");
+        assert!(b.delete(&created.id).await.expect("delete"));
+        let heard = timeout(WAIT, heard_by_a.recv())
+            .await
+            .expect("revocation after resubscribing")
+            .expect("channel open");
+        assert_eq!(heard.session_id, created.id);
+    }
+
+    #[tokio::test]
     async fn starts_while_redis_is_down() {
         let mut server = RedisServer::start().await;
         server.stop().await;

@@ -55,7 +55,7 @@ impl LoginLimiter {
             })
             .max();
         match wait {
-            Some(d) => Err(d.as_secs().max(1) + u64::from(d.subsec_nanos() > 0)),
+            Some(d) => Err((d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)),
             None => Ok(()),
         }
     }

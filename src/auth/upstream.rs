@@ -42,6 +42,8 @@ impl UpstreamVerifier {
     async fn call(&self, username: &str, password: &Secret) -> Result<String, AuthError> {
         let unavailable = |e: &dyn std::fmt::Display| AuthError::Unavailable(e.to_string());
         let host = self.url.host_str().ok_or_else(|| unavailable(&"no host"))?;
+        // `host_str` keeps an IPv6 literal's brackets, which no resolver takes.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
         let port = self.url.port_or_known_default().unwrap_or(80);
         let stream = TcpStream::connect((host, port))
             .await

@@ -13,6 +13,7 @@
 
 pub mod maintenance;
 pub mod registry;
+mod shared;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::app::App;
+use crate::config::Mode;
 use crate::error::{ApiError, Body};
 use crate::http::credentials;
 use crate::ids::random_id;
@@ -36,9 +38,9 @@ use crate::telemetry::{CloseLabel, RouteResultLabel};
 use crate::token::Claims;
 
 /// Retry-After for a full gateway or session: sockets come and go quickly.
-const FULL_RETRY_AFTER_SECS: u64 = 1;
+pub(crate) const FULL_RETRY_AFTER_SECS: u64 = 1;
 /// How long releasing a lease may take after a socket closes.
-const DETACH_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DETACH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the checks for a request on `route`; on success returns the `101`
 /// and leaves a task relaying the socket.
@@ -73,6 +75,9 @@ async fn gate(
 ) -> Result<Response<Body>, ApiError> {
     // 1. A real upgrade.
     let accept = upgrade::check(&req)?;
+    // Taken now (it does not consume the request head we still read); it
+    // resolves only after our 101 is written.
+    let on_upgrade = hyper::upgrade::on(&mut req);
     // 2. Origin.
     if let Some(origin) = req.headers().get(http::header::ORIGIN) {
         if !upgrade::origin_allowed(&app.config.server.allowed_origins, origin) {
@@ -123,13 +128,30 @@ async fn gate(
     let offered = upgrade::offered_protocols(req.headers());
     let headers = upgrade::forwarded_headers(req.headers(), &claims, peer);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(server.handshake_timeout_ms);
+    if route.mode == Mode::Shared {
+        let ctx = shared::Attach {
+            route,
+            rest,
+            query,
+            claims: &claims,
+            conn_id: &conn_id,
+            expires_at: record.expires_at,
+            offered: &offered,
+            headers,
+            deadline,
+            accept,
+        };
+        return match shared::attach(app, on_upgrade, ctx, slot).await {
+            Ok(resp) => Ok(resp),
+            Err(e) => refuse(e),
+        };
+    }
     let Some((index, dialled)) =
         dial_route(route, rest, query, &claims, headers, &offered, deadline).await
     else {
         return refuse(ApiError::upstream_unavailable());
     };
 
-    let on_upgrade = hyper::upgrade::on(&mut req);
     let close_rx = app
         .registry
         .register(&claims.sid, &conn_id, record.expires_at);
@@ -184,7 +206,7 @@ fn release_lease(app: &Arc<App>, sid: &str, conn_id: &str) {
 
 /// Tries the route's upstreams in balance order, each at most once, until
 /// one completes its handshake or the deadline passes.
-async fn dial_route(
+pub(crate) async fn dial_route(
     route: &Route,
     rest: &str,
     query: Option<&str>,

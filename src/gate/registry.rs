@@ -10,6 +10,10 @@ use tokio::sync::oneshot;
 use crate::proxy::relay::CloseCmd;
 use crate::session::EndReason;
 
+/// Ids of registry entries that hold no store lease. Lease ids are
+/// URL-safe base64 and never contain ':'.
+pub const UNLEASED_PREFIX: &str = "hub:";
+
 struct SessionConns {
     /// When the session expires as far as we last heard (Unix seconds).
     expires_at: i64,
@@ -81,6 +85,18 @@ impl Registry {
         rx
     }
 
+    /// Registers a watcher that holds no store lease (a shared-session hub):
+    /// revocation and the sweep reach it, lease renewal skips it.
+    pub fn register_unleased(
+        &self,
+        session_id: &str,
+        watcher_id: &str,
+        expires_at: i64,
+    ) -> oneshot::Receiver<CloseCmd> {
+        debug_assert!(watcher_id.starts_with(UNLEASED_PREFIX));
+        self.register(session_id, watcher_id, expires_at)
+    }
+
     pub fn unregister(&self, session_id: &str, conn_id: &str) {
         let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = map.get_mut(session_id) {
@@ -125,7 +141,12 @@ impl Registry {
             .filter(|(_, e)| due_by.is_none_or(|t| e.expires_at <= t))
             .map(|(sid, e)| SessionSnapshot {
                 session_id: sid.clone(),
-                conn_ids: e.conns.keys().cloned().collect(),
+                conn_ids: e
+                    .conns
+                    .keys()
+                    .filter(|id| !id.starts_with(UNLEASED_PREFIX))
+                    .cloned()
+                    .collect(),
                 expires_at: e.expires_at,
             })
             .collect()

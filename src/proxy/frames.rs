@@ -216,7 +216,8 @@ mod tests {
     #[test]
     fn limit_counts_all_fragments_and_stops_before_the_offending_frame() {
         let mut stream = frame(OpCode::Data(Data::Text), false, &[b'a'; 60], false);
-        let ping = frame(OpCode::Control(Control::Ping), true, b"p", false);
+        let mut ping = Vec::new();
+        Frame::ping(&b"p"[..]).format(&mut ping).unwrap();
         stream.extend(&ping);
         let ok_len = stream.len();
         stream.extend(frame(

@@ -89,7 +89,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return record(now)
 end
 local exp = now + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'user', ARGV[1], 'created_at', int(now), 'expires_at', int(exp), 'attached', '0')
+redis.call('HSET', KEYS[1], 'user', ARGV[1], 'created_at', int(now),
+  'expires_at', int(exp), 'attached', '0')
 redis.call('PEXPIREAT', KEYS[1], int(exp))
 return {ARGV[1], now, exp, 0, 0}
 "#,
@@ -669,8 +670,8 @@ async fn follow(
             _ = heartbeat.tick() => {
                 match timeout(RESPONSE_TIMEOUT, sink.ping::<Value>()).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return describe("subscribe heartbeat", &e),
-                    Err(_) => return StoreError("redis subscribe heartbeat: timed out".to_string()),
+                    Ok(Err(e)) => return describe("heartbeat", &e),
+                    Err(_) => return StoreError("redis heartbeat: timed out".to_string()),
                 }
             }
         }
