@@ -21,6 +21,11 @@ Options:
                   default bench/results/<UTC timestamp>
   --keep-tmp      keep the temp dir (configs, logs) after the run
   --no-install    never apt-get install missing nginx/haproxy/redis-server
+  --only LIST     workloads to run, comma-separated: rtt,stream,churn,hold,api
+  --targets LIST  targets, comma-separated: direct,nginx,haproxy,portcullis
+  --portcullis-bin PATH   gateway binary to measure (A/B experiments);
+                  default target/release/portcullis
+  --no-build      skip cargo build (binaries must exist)
 EOF
 }
 
@@ -31,6 +36,10 @@ HOLD_COUNT=""
 OUT=""
 KEEP_TMP=0
 INSTALL=1
+ONLY="rtt,stream,churn,hold,api"
+TARGET_LIST="direct,nginx,haproxy,portcullis"
+PORTCULLIS_BIN=""
+BUILD=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) RUNS=$2; shift 2 ;;
@@ -39,6 +48,10 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --keep-tmp) KEEP_TMP=1; shift ;;
         --no-install) INSTALL=0; shift ;;
+        --only) ONLY=$2; shift 2 ;;
+        --targets) TARGET_LIST=$2; shift 2 ;;
+        --portcullis-bin) PORTCULLIS_BIN=$2; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -104,10 +117,13 @@ fi
 
 # ---------------------------------------------------------------- build
 
-echo "== cargo build --release --bins"
-(cd "$ROOT" && cargo build --release --bins)
+if [ "$BUILD" = 1 ]; then
+    echo "== cargo build --release --bins"
+    (cd "$ROOT" && cargo build --release --bins)
+fi
 BIN="$ROOT/target/release"
 BENCH="$BIN/portcullis-bench"
+GATEWAY=${PORTCULLIS_BIN:-$BIN/portcullis}
 
 # ---------------------------------------------------------------- processes
 
@@ -188,15 +204,15 @@ REDIS_PID=$LAST_PID
 wait_for "redis-server" redis-cli -p "$REDIS_PORT" ping
 
 PASSWORD=$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
-HASH=$(printf '%s\n' "$PASSWORD" | "$BIN/portcullis" hash-password)
+HASH=$(printf '%s\n' "$PASSWORD" | "$GATEWAY" hash-password)
 PORTCULLIS_SIGNING_KEY=$(head -c 48 /dev/urandom | base64 -w0)
 export PORTCULLIS_SIGNING_KEY
 render "$ROOT/bench/portcullis.toml" "$TMP/portcullis.toml" \
     PORT="$PORTCULLIS_PORT" REDIS_PORT="$REDIS_PORT" ECHO_PORT="$ECHO_PORT" \
     MAXCONN="$MAXCONN" PASSWORD_HASH="$HASH"
-"$BIN/portcullis" check --config "$TMP/portcullis.toml" >/dev/null
+"$GATEWAY" check --config "$TMP/portcullis.toml" >/dev/null
 # warn: no per-request logging, as nginx (access_log off) and haproxy (no log).
-start portcullis env PORTCULLIS_LOG=warn "$BIN/portcullis" --config "$TMP/portcullis.toml"
+start portcullis env PORTCULLIS_LOG=warn "$GATEWAY" --config "$TMP/portcullis.toml"
 PORTCULLIS_PID=$LAST_PID
 wait_for "portcullis" grep -q "portcullis listening on http://" "$TMP/portcullis.out"
 
@@ -239,7 +255,11 @@ RSS[direct]="--pid $ECHO_PID"
 RSS[nginx]="$(printf -- '--pid %s ' "${NGINX_WORKERS[@]}") --pid-upstream $ECHO_PID"
 RSS[haproxy]="--pid $HAPROXY_PID --pid-upstream $ECHO_PID"
 RSS[portcullis]="--pid $PORTCULLIS_PID --pid-upstream $ECHO_PID"
-TARGETS=(direct nginx haproxy portcullis)
+IFS=, read -r -a TARGETS <<<"$TARGET_LIST"
+for t in "${TARGETS[@]}"; do
+    [ -n "${URL[$t]:-}" ] || { echo "run.sh: unknown target $t" >&2; exit 2; }
+done
+wants() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 if [ -z "$OUT" ]; then
     mkdir -p "$ROOT/bench/results"
@@ -264,6 +284,25 @@ bench() {
     fi
 }
 
+# Other work on the machine skews every figure: measure it while our own
+# processes sit idle, and say so in the report.
+cpu_busy_pct() {
+    local a b
+    read -r -a a < <(head -n1 /proc/stat)
+    sleep 1
+    read -r -a b < <(head -n1 /proc/stat)
+    local total=0 idle i
+    for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
+    idle=$(( b[4] - a[4] + b[5] - a[5] ))
+    echo $(( total > 0 ? 100 * (total - idle) / total : 0 ))
+}
+BUSY_BEFORE=$(cpu_busy_pct)
+echo "== background CPU busy before the workloads: ${BUSY_BEFORE}% of $(nproc) CPUs"
+if [ "$BUSY_BEFORE" -gt 10 ]; then
+    echo "run.sh: WARNING: the machine is not idle; figures will be noisy" >&2
+    top -bn1 | sed -n '7,12p' >&2 || true
+fi
+
 echo "== smoke test (2 sockets x 10 round trips per target)"
 for t in "${TARGETS[@]}"; do
     # shellcheck disable=SC2086
@@ -277,29 +316,31 @@ STARTED=$(date +%s)
 for run in $(seq "$RUNS"); do
     # Rotate the target order each run so no target always goes first.
     order=()
-    for i in 0 1 2 3; do order+=("${TARGETS[$(( (i + run - 1) % 4 ))]}"); done
+    n=${#TARGETS[@]}
+    for i in $(seq 0 $((n - 1))); do order+=("${TARGETS[$(( (i + run - 1) % n ))]}"); done
     echo "-- run $run/$RUNS (order: ${order[*]})"
-    for t in "${order[@]}"; do
+    wants rtt && for t in "${order[@]}"; do
         # shellcheck disable=SC2086
         bench 120 rtt --url "${URL[$t]}" --label "$t" --run "$run" ${AUTH[$t]} ${CPU[$t]} \
             --sockets "$SOCKETS" --messages "$RTT_MESSAGES" --size "$RTT_SIZE"
     done
-    for t in "${order[@]}"; do
+    wants stream && for t in "${order[@]}"; do
         # shellcheck disable=SC2086
         bench 60 stream --url "${URL[$t]}" --label "$t" --run "$run" ${AUTH[$t]} ${CPU[$t]} \
             --sockets "$SOCKETS" --size "$STREAM_SIZE" --secs "$STREAM_SECS"
     done
-    for t in "${order[@]}"; do
+    wants churn && for t in "${order[@]}"; do
         # shellcheck disable=SC2086
         bench 60 churn --url "${URL[$t]}" --label "$t" --run "$run" ${AUTH[$t]} ${CPU[$t]} \
             --workers "$CHURN_WORKERS" --secs "$CHURN_SECS"
         sleep 1
     done
-    for t in "${order[@]}"; do
+    wants hold && for t in "${order[@]}"; do
         # shellcheck disable=SC2086
         bench 120 hold --url "${URL[$t]}" --label "$t" --run "$run" ${AUTH[$t]} ${RSS[$t]} \
             --count "$HOLD_COUNT"
     done
+    wants api || continue
     base="http://127.0.0.1:$PORTCULLIS_PORT"
     bench 60 login --base "$base" --user bench --password "$PASSWORD" --run "$run" \
         --secs "$API_SECS" --concurrency "$LOGIN_CONCURRENCY"
@@ -307,6 +348,7 @@ for run in $(seq "$RUNS"); do
         --secs "$API_SECS" --concurrency "$VERIFY_CONCURRENCY"
 done
 ELAPSED=$(( $(date +%s) - STARTED ))
+BUSY_AFTER=$(cpu_busy_pct)
 
 # ---------------------------------------------------------------- report
 
@@ -314,9 +356,10 @@ ELAPSED=$(( $(date +%s) - STARTED ))
     echo "# Portcullis benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo
     echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r), ulimit -n $FD_LIMIT"
-    echo "- versions: $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | head -n1 | cut -d' ' -f1-3), $(redis-server --version | cut -d' ' -f1-3), $("$BIN/portcullis" --version)"
-    echo "- command: bench/run.sh $([ "$QUICK" = 1 ] && echo --quick) --runs $RUNS --hold $HOLD_COUNT ($ELAPSED s of workloads, $FAILURES failed bench calls)"
+    echo "- versions: $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | head -n1 | cut -d' ' -f1-3), $(redis-server --version | cut -d' ' -f1-3), $("$GATEWAY" --version)"
+    echo "- command: bench/run.sh $([ "$QUICK" = 1 ] && echo --quick) --runs $RUNS --hold $HOLD_COUNT --only $ONLY --targets $TARGET_LIST${PORTCULLIS_BIN:+ --portcullis-bin $PORTCULLIS_BIN} ($ELAPSED s of workloads, $FAILURES failed bench calls)"
     echo "- workloads: rtt $SOCKETS sockets x $RTT_MESSAGES round trips x $RTT_SIZE B; stream $SOCKETS sockets x $STREAM_SIZE B, window 64, ${STREAM_SECS} s; churn $CHURN_WORKERS workers x ${CHURN_SECS} s; hold $HOLD_COUNT idle sockets; login x$LOGIN_CONCURRENCY and verify x$VERIFY_CONCURRENCY for ${API_SECS} s"
+    echo "- background CPU busy (all CPUs, our processes idle): ${BUSY_BEFORE}% before, ${BUSY_AFTER}% after the workloads"
     echo "- medians over $RUNS run(s); ratios are portcullis / other (higher is better for rates, lower for µs, KiB and CPU)"
     echo
     "$BENCH" report "$RESULTS"

@@ -201,6 +201,17 @@ pub(super) fn validate(
                     format!("{u:?} must be a ws:// or wss:// URL with a host and no fragment"),
                 ));
             }
+            if url.scheme() == "wss" {
+                // Refused loudly rather than dialled wrongly: the relay works
+                // on raw TCP sockets and TLS to runtimes is not built yet.
+                // Sidecar runtimes are reached over ws:// on the local network.
+                return Err(err(
+                    &ukey,
+                    format!(
+                        "{u:?}: wss:// upstreams are not supported yet; use ws:// to a runtime on the local network"
+                    ),
+                ));
+            }
         }
         if r.max_message_bytes == 0 || r.max_message_bytes > MAX_MESSAGE_LIMIT {
             return Err(err(

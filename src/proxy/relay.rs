@@ -250,6 +250,10 @@ pub async fn relay(
             event_cmd(ev),
         ));
     }
+    // The early bytes are slices of hyper's read buffers: keeping them would
+    // keep those whole allocations alive for the life of the connection.
+    drop(client_early);
+    drop(upstream_early);
     let mut peer_close_deadline: Option<Instant> = None;
     let mut close_rx_open = true;
 
