@@ -130,6 +130,13 @@ GATEWAY=${PORTCULLIS_BIN:-$BIN/portcullis}
 TMP=$(mktemp -d /tmp/portcullis-bench.XXXXXX)
 chmod 755 "$TMP"
 PIDS=()
+# Measure private copies: a concurrent `cargo build` must not swap the
+# binaries under a run (and the hash in the report is of what ran).
+cp -p "$GATEWAY" "$TMP/portcullis"
+cp -p "$BENCH" "$TMP/portcullis-bench"
+GATEWAY_SRC=$GATEWAY
+GATEWAY="$TMP/portcullis"
+BENCH="$TMP/portcullis-bench"
 
 cleanup() {
     local rc=$?
@@ -194,14 +201,56 @@ PORTCULLIS_PORT=${PORTS[3]} REDIS_PORT=${PORTS[4]}
 
 echo "== starting echo :$ECHO_PORT, redis :$REDIS_PORT, nginx :$NGINX_PORT, haproxy :$HAPROXY_PORT, portcullis :$PORTCULLIS_PORT (tmp $TMP)"
 
-start echo "$BENCH" echo --listen "127.0.0.1:$ECHO_PORT"
-ECHO_PID=$LAST_PID
-wait_for "echo runtime" grep -q "listening on" "$TMP/echo.out"
+# Each start_* (re)starts one process and records its pid; stop_pid stops
+# one we started. `hold` restarts its target first (see below).
+stop_pid() {
+    local pid=$1 p keep=()
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
 
-start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
-    --appendonly no --daemonize no --dir "$TMP" --logfile "$TMP/redis.log"
-REDIS_PID=$LAST_PID
-wait_for "redis-server" redis-cli -p "$REDIS_PORT" ping
+start_echo() {
+    start echo "$BENCH" echo --listen "127.0.0.1:$ECHO_PORT"
+    ECHO_PID=$LAST_PID
+    wait_for "echo runtime" grep -q "listening on" "$TMP/echo.out"
+}
+
+start_redis() {
+    start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" \
+        --appendonly no --daemonize no --dir "$TMP" --logfile "$TMP/redis.log"
+    REDIS_PID=$LAST_PID
+    wait_for "redis-server" redis-cli -p "$REDIS_PORT" ping
+}
+
+start_portcullis() {
+    # warn: no per-request logging, as nginx (access_log off) and haproxy (no log).
+    start portcullis env PORTCULLIS_LOG=warn "$GATEWAY" --config "$TMP/portcullis.toml"
+    PORTCULLIS_PID=$LAST_PID
+    wait_for "portcullis" grep -q "portcullis listening on http://" "$TMP/portcullis.out"
+}
+
+start_nginx() {
+    start nginx nginx -p "$TMP/nginx/" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
+    NGINX_PID=$LAST_PID
+    wait_for "nginx" port_open "$NGINX_PORT"
+    wait_for "nginx workers" pgrep -P "$NGINX_PID"
+    # Both workers (worker_processes auto = nproc).
+    for _ in $(seq 50); do
+        [ "$(pgrep -c -P "$NGINX_PID")" -ge "$(nproc)" ] && break
+        sleep 0.1
+    done
+    mapfile -t NGINX_WORKERS < <(pgrep -P "$NGINX_PID")
+}
+
+start_haproxy() {
+    start haproxy haproxy -db -f "$TMP/haproxy.cfg"
+    HAPROXY_PID=$LAST_PID
+    wait_for "haproxy" port_open "$HAPROXY_PORT"
+}
 
 PASSWORD=$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
 HASH=$(printf '%s\n' "$PASSWORD" | "$GATEWAY" hash-password)
@@ -211,27 +260,19 @@ render "$ROOT/bench/portcullis.toml" "$TMP/portcullis.toml" \
     PORT="$PORTCULLIS_PORT" REDIS_PORT="$REDIS_PORT" ECHO_PORT="$ECHO_PORT" \
     MAXCONN="$MAXCONN" PASSWORD_HASH="$HASH"
 "$GATEWAY" check --config "$TMP/portcullis.toml" >/dev/null
-# warn: no per-request logging, as nginx (access_log off) and haproxy (no log).
-start portcullis env PORTCULLIS_LOG=warn "$GATEWAY" --config "$TMP/portcullis.toml"
-PORTCULLIS_PID=$LAST_PID
-wait_for "portcullis" grep -q "portcullis listening on http://" "$TMP/portcullis.out"
-
 mkdir -p "$TMP/nginx"
 render "$ROOT/bench/nginx.conf" "$TMP/nginx/nginx.conf" \
     PREFIX="$TMP/nginx" PORT="$NGINX_PORT" ECHO_PORT="$ECHO_PORT"
 nginx -t -q -p "$TMP/nginx/" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
-start nginx nginx -p "$TMP/nginx/" -e "$TMP/nginx/error.log" -c "$TMP/nginx/nginx.conf"
-NGINX_PID=$LAST_PID
-wait_for "nginx" port_open "$NGINX_PORT"
-wait_for "nginx workers" pgrep -P "$NGINX_PID"
-mapfile -t NGINX_WORKERS < <(pgrep -P "$NGINX_PID")
-
 render "$ROOT/bench/haproxy.cfg" "$TMP/haproxy.cfg" \
     PREFIX="$TMP" PORT="$HAPROXY_PORT" ECHO_PORT="$ECHO_PORT" MAXCONN="$MAXCONN"
 haproxy -c -q -f "$TMP/haproxy.cfg"
-start haproxy haproxy -db -f "$TMP/haproxy.cfg"
-HAPROXY_PID=$LAST_PID
-wait_for "haproxy" port_open "$HAPROXY_PORT"
+
+start_echo
+start_redis
+start_portcullis
+start_nginx
+start_haproxy
 
 # ---------------------------------------------------------------- targets
 
@@ -244,17 +285,42 @@ AUTH[direct]=""
 AUTH[nginx]=""
 AUTH[haproxy]=""
 AUTH[portcullis]="--token-url http://127.0.0.1:$PORTCULLIS_PORT --user bench --password $PASSWORD"
-# CPU charged to each target: nginx's workers, haproxy's one process,
-# Portcullis plus its Redis (the session checks are part of its cost).
-CPU[direct]=""
-CPU[nginx]=$(printf -- '--cpu-pid %s ' "${NGINX_WORKERS[@]}")
-CPU[haproxy]="--cpu-pid $HAPROXY_PID"
-CPU[portcullis]="--cpu-pid $PORTCULLIS_PID --cpu-pid $REDIS_PID"
-# RSS per connection: nginx = sum of its workers; direct = the echo itself.
-RSS[direct]="--pid $ECHO_PID"
-RSS[nginx]="$(printf -- '--pid %s ' "${NGINX_WORKERS[@]}") --pid-upstream $ECHO_PID"
-RSS[haproxy]="--pid $HAPROXY_PID --pid-upstream $ECHO_PID"
-RSS[portcullis]="--pid $PORTCULLIS_PID --pid-upstream $ECHO_PID"
+# Process arguments, refreshed after every restart.
+target_pids() {
+    # CPU charged to each target: nginx's workers, haproxy's one process,
+    # Portcullis plus its Redis (the session checks are part of its cost).
+    CPU[direct]=""
+    CPU[nginx]=$(printf -- '--cpu-pid %s ' "${NGINX_WORKERS[@]}")
+    CPU[haproxy]="--cpu-pid $HAPROXY_PID"
+    CPU[portcullis]="--cpu-pid $PORTCULLIS_PID --cpu-pid $REDIS_PID"
+    # RSS per connection: nginx = sum of its workers; direct = the echo itself.
+    RSS[direct]="--pid $ECHO_PID"
+    RSS[nginx]="$(printf -- '--pid %s ' "${NGINX_WORKERS[@]}") --pid-upstream $ECHO_PID"
+    RSS[haproxy]="--pid $HAPROXY_PID --pid-upstream $ECHO_PID"
+    RSS[portcullis]="--pid $PORTCULLIS_PID --pid-upstream $ECHO_PID"
+}
+target_pids
+
+# A process's RSS does not fall back when memory is freed (allocators and
+# pools keep it), so an RSS delta measured after other workloads shows how
+# much *new* memory the sockets needed, not what they cost. `hold` therefore
+# starts from freshly started processes: the echo and the target are
+# restarted, then warmed with a few round trips.
+fresh() {
+    local t=$1
+    stop_pid "$ECHO_PID"
+    start_echo
+    case $t in
+        nginx) stop_pid "$NGINX_PID"; start_nginx ;;
+        haproxy) stop_pid "$HAPROXY_PID"; start_haproxy ;;
+        portcullis) stop_pid "$PORTCULLIS_PID"; start_portcullis ;;
+    esac
+    target_pids
+    # shellcheck disable=SC2086
+    timeout 30 "$BENCH" rtt --url "${URL[$t]}" --label "$t" ${AUTH[$t]} \
+        --sockets 2 --messages 10 --warmup 0 >/dev/null ||
+        echo "   warm-up of $t after restart failed"
+}
 IFS=, read -r -a TARGETS <<<"$TARGET_LIST"
 for t in "${TARGETS[@]}"; do
     [ -n "${URL[$t]:-}" ] || { echo "run.sh: unknown target $t" >&2; exit 2; }
@@ -336,6 +402,7 @@ for run in $(seq "$RUNS"); do
         sleep 1
     done
     wants hold && for t in "${order[@]}"; do
+        fresh "$t"
         # shellcheck disable=SC2086
         bench 120 hold --url "${URL[$t]}" --label "$t" --run "$run" ${AUTH[$t]} ${RSS[$t]} \
             --count "$HOLD_COUNT"
@@ -357,6 +424,7 @@ BUSY_AFTER=$(cpu_busy_pct)
     echo
     echo "- machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r), ulimit -n $FD_LIMIT"
     echo "- versions: $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(haproxy -v | head -n1 | cut -d' ' -f1-3), $(redis-server --version | cut -d' ' -f1-3), $("$GATEWAY" --version)"
+    echo "- gateway binary: $GATEWAY_SRC (sha256 $(sha256sum "$GATEWAY" | cut -c1-16), built $(date -u -r "$GATEWAY" +%Y-%m-%dT%H:%M:%SZ)), repository HEAD $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown) plus any uncommitted changes"
     echo "- command: bench/run.sh $([ "$QUICK" = 1 ] && echo --quick) --runs $RUNS --hold $HOLD_COUNT --only $ONLY --targets $TARGET_LIST${PORTCULLIS_BIN:+ --portcullis-bin $PORTCULLIS_BIN} ($ELAPSED s of workloads, $FAILURES failed bench calls)"
     echo "- workloads: rtt $SOCKETS sockets x $RTT_MESSAGES round trips x $RTT_SIZE B; stream $SOCKETS sockets x $STREAM_SIZE B, window 64, ${STREAM_SECS} s; churn $CHURN_WORKERS workers x ${CHURN_SECS} s; hold $HOLD_COUNT idle sockets; login x$LOGIN_CONCURRENCY and verify x$VERIFY_CONCURRENCY for ${API_SECS} s"
     echo "- background CPU busy (all CPUs, our processes idle): ${BUSY_BEFORE}% before, ${BUSY_AFTER}% after the workloads"

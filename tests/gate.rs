@@ -335,3 +335,88 @@ async fn oversized_request_head_is_refused() {
     );
     assert_eq!(up.connections(), 0);
 }
+
+#[tokio::test]
+async fn dot_segments_cannot_escape_a_prefix_route() {
+    let up = Upstream::start().await;
+    let toml = format!(
+        "[[routes]]\nname = \"a\"\npath = \"/a/*\"\nupstreams = [\"{}\"]\n",
+        up.url("/agent")
+    );
+    let gw = Gateway::start("", &config(None, &toml));
+    let token = login(gw.addr, "alice").await["session_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let auth = format!("Bearer {token}");
+    for path in ["/a/../../admin", "/a/%2e%2e/admin", "/a/.%2E/admin"] {
+        let (s, body, _) = refusal(connect(&gw.url(path), &[("authorization", &auth)]).await);
+        assert_eq!(
+            (s, body["error"].as_str().unwrap()),
+            (400, "bad_request"),
+            "{path}"
+        );
+    }
+    // A legitimate sub-path still maps under the base.
+    let (_s, _) = ws::open(&gw.url("/a/room/7"), &token).await;
+    assert_eq!(up.next_arrival().await.path, "/agent/room/7");
+    assert_eq!(up.connections(), 1);
+}
+
+#[tokio::test]
+async fn a_client_hanging_up_mid_dial_leaves_no_lease_behind() {
+    use tokio::io::AsyncWriteExt;
+    // A runtime that accepts TCP but never answers the handshake.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            conns.push(s);
+        }
+    });
+    let toml = format!(
+        "[[routes]]\nname = \"slow\"\npath = \"/ws/slow\"\nupstreams = [\"ws://{silent_addr}/\"]\n"
+    );
+    let gw = Gateway::start(
+        "handshake_timeout_ms = 4000\nmax_connections_per_session = 1",
+        &config(None, &toml),
+    );
+    let l = login(gw.addr, "alice").await;
+    let (token, sid) = (
+        l["session_token"].as_str().unwrap(),
+        l["session_id"].as_str().unwrap(),
+    );
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!(
+        "GET /ws/slow HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    // The lease is taken while the gateway dials; then the client gives up.
+    let path = format!("/api/session/{sid}");
+    let auth = api::bearer(token);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while api::request(gw.addr, "GET", &path, &[("authorization", &auth)], None)
+        .await
+        .json()["connections"]
+        != 1
+    {
+        assert!(tokio::time::Instant::now() < deadline, "lease never taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(s);
+    // Released well before the 30 s lease would lapse on its own.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while api::request(gw.addr, "GET", &path, &[("authorization", &auth)], None)
+        .await
+        .json()["connections"]
+        != 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hung-up client's lease was leaked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -262,3 +262,87 @@ async fn client_close_handshake_completes_through_the_gateway() {
     let (code, _) = expect_close(&mut s, Duration::from_secs(5)).await;
     assert_eq!(code, 1000);
 }
+
+#[tokio::test]
+async fn oversized_ping_is_a_protocol_error_not_a_runtime_failure() {
+    let (up, gw, token) = setup().await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
+    let mut raw = Frame::ping(vec![0u8; 4096]);
+    raw.header_mut().mask = Some([1, 2, 3, 4]);
+    s.send(Message::Frame(raw)).await.unwrap();
+    let (code, reason) = expect_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (1002, "protocol_error"));
+    // The runtime was told why, and saw no oversized frame.
+    assert_eq!(
+        up.next_event(Duration::from_secs(5)).await,
+        support::upstream::Event::ClosedBy(1002)
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_and_sending_is_dropped_by_keepalive() {
+    let up = Upstream::start().await;
+    let route = format!(
+        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nmax_message_bytes = 65536\nupstreams = [\"{}\"]\n",
+        up.url("/")
+    );
+    let gw = Gateway::start(
+        "ping_interval_ms = 300\npong_timeout_ms = 500",
+        &config(None, &route),
+    );
+    let token = login(gw.addr, "alice").await["session_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
+    // The runtime floods; the client neither reads nor sends again, so its
+    // buffers fill and even the keep-alive ping cannot reach it.
+    s.send(Message::text("stream16k:4000:0")).await.unwrap();
+    up.next_arrival().await;
+    // The runtime is busy writing, so it notices the end as a failed write
+    // (or, if it gets to read, as our 1001).
+    let ev = up.next_event(Duration::from_secs(10)).await;
+    assert!(
+        matches!(
+            ev,
+            support::upstream::Event::Dropped | support::upstream::Event::ClosedBy(1001)
+        ),
+        "the gateway gives up on the silent client: {ev:?}"
+    );
+    drop(s);
+}
+
+#[tokio::test]
+async fn revocation_during_a_large_frame_still_sends_the_client_1008() {
+    let up = Upstream::start().await;
+    let route = format!(
+        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nmax_message_bytes = 16777216\nupstreams = [\"{}\"]\n",
+        up.url("/")
+    );
+    let gw = Gateway::start("", &config(None, &route));
+    let token = login(gw.addr, "alice").await["session_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
+    // A 4 MiB binary message is in flight when the session is revoked.
+    let big = frame_bytes(
+        OpCode::Data(Data::Binary),
+        true,
+        &vec![1u8; 4 * 1024 * 1024 - 16],
+    );
+    s.send(Message::text(format!("raw:{}", to_hex(&big))))
+        .await
+        .unwrap();
+    let r = support::http::request(
+        gw.addr,
+        "POST",
+        "/api/auth/logout",
+        &[("authorization", &support::http::bearer(&token))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    let (code, reason) = expect_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!((code, reason.as_str()), (1008, "session_revoked"));
+}

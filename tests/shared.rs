@@ -454,3 +454,42 @@ async fn logout_closes_all_viewports_and_the_runtime_connection() {
         Event::ClosedBy(1008)
     );
 }
+
+#[tokio::test]
+async fn a_hub_created_after_the_runtime_closed_is_still_revoked() {
+    let redis = RedisServer::start().await;
+    let up = Upstream::start().await;
+    let gw = Gateway::start("", &config(Some(&redis.url()), &shared_route(&up, "")));
+    let s = session(&gw).await;
+    let (mut v, _, _, _) = viewport(&gw, &s, None).await;
+    v.send(Message::text("close:4000:restarting"))
+        .await
+        .unwrap();
+    let (code, _) = expect_close(&mut v, Duration::from_secs(5)).await;
+    assert_eq!(code, 4000);
+    // Straight back in: a new hub and runtime connection, while the old
+    // hub may still be tearing down.
+    let (mut v2, _, seq, _) = viewport(&gw, &s, None).await;
+    assert_eq!(seq, 0);
+    up.next_arrival().await;
+    up.next_arrival().await;
+    let r = api::request(
+        gw.addr,
+        "POST",
+        "/api/auth/logout",
+        &[("authorization", &api::bearer(&s.token))],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    let (code, reason) = expect_close(&mut v2, Duration::from_secs(1)).await;
+    assert_eq!((code, reason.as_str()), (1008, "session_revoked"));
+    // The second runtime connection is closed too, within the second.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if up.next_event(left).await == Event::ClosedBy(1008) {
+            break;
+        }
+    }
+}

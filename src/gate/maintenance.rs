@@ -29,6 +29,9 @@ const SWEEP_TICK: Duration = Duration::from_millis(250);
 /// Every this many ticks, every session is checked, not just the due ones.
 const FULL_SWEEP_TICKS: u32 = 4;
 const SWEEP_BATCH: usize = 500;
+/// A shared-route hub whose runtime dial failed is kept this long for a
+/// retry, then forgotten.
+const UNLINKED_HUB_TTL: Duration = Duration::from_secs(30);
 const RENEW_CONCURRENCY: usize = 32;
 
 pub fn spawn(app: Arc<App>) {
@@ -80,6 +83,9 @@ async fn sweep(app: Arc<App>, wake: Arc<Notify>) {
             _ = wake.notified() => true,
             _ = app.shutdown.begun() => return,
         };
+        if full {
+            app.hubs.prune_unlinked(UNLINKED_HUB_TTL);
+        }
         let due_by = (!full).then(now_unix);
         let rows = app.registry.snapshot(due_by);
         for chunk in rows.chunks(SWEEP_BATCH) {

@@ -114,15 +114,18 @@ async fn gate(
         Attach::NotFound => return Err(ApiError::session_ended(StatusCode::FORBIDDEN)),
         Attach::Full => return Err(ApiError::too_many_connections(FULL_RETRY_AFTER_SECS)),
     };
-    // From here on a refusal must give the lease back.
-    let refuse = |e: ApiError| {
-        release_lease(app, &claims.sid, &conn_id);
-        Err(e)
+    // From here on the lease is given back when `lease` drops: on a
+    // refusal, when hyper drops this future because the client hung up
+    // mid-dial, or when the socket task ends.
+    let lease = Lease {
+        app: app.clone(),
+        sid: claims.sid.clone(),
+        conn_id: conn_id.clone(),
     };
     // 5. Gateway-wide limit (local to this instance).
     let slot = match app.registry.try_reserve() {
         Some(slot) if !app.shutdown.is_begun() => slot,
-        _ => return refuse(ApiError::too_many_connections(FULL_RETRY_AFTER_SECS)),
+        _ => return Err(ApiError::too_many_connections(FULL_RETRY_AFTER_SECS)),
     };
     // 6. Dial.
     let offered = upgrade::offered_protocols(req.headers());
@@ -141,15 +144,12 @@ async fn gate(
             deadline,
             accept,
         };
-        return match shared::attach(app, on_upgrade, ctx, slot).await {
-            Ok(resp) => Ok(resp),
-            Err(e) => refuse(e),
-        };
+        return shared::attach(app, on_upgrade, ctx, slot, lease).await;
     }
     let Some((index, dialled)) =
         dial_route(route, rest, query, &claims, headers, &offered, deadline).await
     else {
-        return refuse(ApiError::upstream_unavailable());
+        return Err(ApiError::upstream_unavailable());
     };
 
     let close_rx = app
@@ -167,7 +167,6 @@ async fn gate(
     };
     let task_app = app.clone();
     let task_route = route.clone();
-    let sid = claims.sid.clone();
     app.shutdown.spawn(async move {
         let app = task_app;
         // Hold the slot and the least-connections count while the socket lives.
@@ -190,18 +189,34 @@ async fn gate(
         }
         app.metrics.open_sockets.dec();
         drop(slot);
-        app.registry.unregister(&sid, &conn_id);
-        let _ = tokio::time::timeout(DETACH_TIMEOUT, app.store.detach(&sid, &conn_id)).await;
+        drop(lease);
     });
     Ok(upgrade::switching_protocols(accept, protocol))
 }
 
-fn release_lease(app: &Arc<App>, sid: &str, conn_id: &str) {
-    let app = app.clone();
-    let (sid, conn_id) = (sid.to_string(), conn_id.to_string());
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(DETACH_TIMEOUT, app.store.detach(&sid, &conn_id)).await;
-    });
+/// A socket's store lease and registry entry, released when dropped.
+pub(crate) struct Lease {
+    app: Arc<App>,
+    sid: String,
+    conn_id: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.app.registry.unregister(&self.sid, &self.conn_id);
+        // Outside a runtime (process teardown) the lease simply lapses.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let app = self.app.clone();
+        let (sid, conn_id) = (
+            std::mem::take(&mut self.sid),
+            std::mem::take(&mut self.conn_id),
+        );
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(DETACH_TIMEOUT, app.store.detach(&sid, &conn_id)).await;
+        });
+    }
 }
 
 /// Tries the route's upstreams in balance order, each at most once, until

@@ -11,11 +11,10 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use super::registry::Slot;
 use super::upgrade::{self, Offered};
-use super::{DETACH_TIMEOUT, dial_route};
+use super::{Lease, dial_route};
 use crate::app::App;
 use crate::error::{ApiError, Body};
 use crate::routing::Route;
-use crate::session::SessionStore;
 use crate::telemetry::CloseLabel;
 use crate::token::Claims;
 
@@ -54,6 +53,7 @@ pub async fn attach(
     on_upgrade: hyper::upgrade::OnUpgrade,
     ctx: Attach<'_>,
     slot: Slot,
+    lease: Lease,
 ) -> Result<Response<Body>, ApiError> {
     let resume = resume_from(ctx.query)?;
     let mut on_upgrade = Some(on_upgrade);
@@ -76,7 +76,10 @@ pub async fn attach(
             })
             .await;
         if dialled.is_err() {
-            app.hubs.remove(&hub);
+            // The hub stays registered without a runtime link: the next
+            // viewport retries the dial on this same hub, so two attempts
+            // can never end up with two runtime connections. Linkless hubs
+            // nobody retries are pruned by the sweep.
             return Err(ApiError::upstream_unavailable());
         }
         let id = hub.new_viewport_id();
@@ -130,8 +133,7 @@ pub async fn attach(
             .max_write_buffer_size(max + 64 * 1024)
             .max_message_size(Some(max))
             .max_frame_size(Some(max));
-        let (task_app, sid, conn_id) =
-            (app.clone(), ctx.claims.sid.clone(), ctx.conn_id.to_string());
+        let task_app = app.clone();
         app.shutdown.spawn(async move {
             let app = task_app;
             let _slot = slot;
@@ -155,8 +157,7 @@ pub async fn attach(
                 app.metrics.closes.get_or_create(&CloseLabel { code }).inc();
             }
             app.metrics.open_sockets.dec();
-            app.registry.unregister(&sid, &conn_id);
-            let _ = tokio::time::timeout(DETACH_TIMEOUT, app.store.detach(&sid, &conn_id)).await;
+            drop(lease);
         });
         return Ok(resp);
     }

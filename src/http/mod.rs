@@ -118,6 +118,12 @@ async fn dispatch(
                 };
                 ("session", r)
             }
+            _ if crate::routing::has_dot_segment(p) => (
+                "not_found",
+                Err(ApiError::bad_request(
+                    "Path must not contain '.' or '..' segments",
+                )),
+            ),
             _ => match app.routes.lookup(p) {
                 Some((route, rest)) => {
                     let (route, rest) = (route.clone(), rest.to_string());

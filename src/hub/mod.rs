@@ -70,10 +70,20 @@ pub struct Hub {
     viewports_changed: Notify,
     /// Set once when the hub ended (under the ring lock, with `closed`).
     ending: Mutex<Option<Ending>>,
+    /// This hub's registry entry; unique per hub, so an old hub's teardown
+    /// can never unregister its successor.
+    watcher_id: String,
+    created: std::time::Instant,
 }
 
 impl Hub {
     fn new(session_id: &str, route: Arc<Route>) -> Hub {
+        let watcher_id = format!(
+            "{}{}:{}",
+            crate::gate::registry::UNLEASED_PREFIX,
+            route.name,
+            crate::ids::random_id()
+        );
         let ring = Ring::new(route.replay_frames, route.replay_bytes);
         Hub {
             session_id: session_id.to_string(),
@@ -84,6 +94,8 @@ impl Hub {
             next_viewport: AtomicU64::new(1),
             viewports_changed: Notify::new(),
             ending: Mutex::new(None),
+            watcher_id,
+            created: std::time::Instant::now(),
         }
     }
 
@@ -157,7 +169,7 @@ impl Hub {
                 // revocation, expiry and the sweep end it too.
                 let close_rx = app.registry.register_unleased(
                     &self.session_id,
-                    &self.hub_conn_id(),
+                    self.hub_conn_id(),
                     expires_at,
                 );
                 let hub = self.clone();
@@ -173,8 +185,8 @@ impl Hub {
             .map(|_| ())
     }
 
-    fn hub_conn_id(&self) -> String {
-        format!("hub:{}", self.route.name)
+    fn hub_conn_id(&self) -> &str {
+        &self.watcher_id
     }
 }
 
@@ -209,6 +221,13 @@ impl Hubs {
         }
     }
 
+    /// Forgets hubs whose runtime dial failed and that nobody retried for
+    /// `older_than`: their sessions may never come back.
+    pub fn prune_unlinked(&self, older_than: Duration) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, h| h.link.get().is_some() || h.created.elapsed() < older_than);
+    }
+
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -229,15 +248,33 @@ async fn run(
     mut close_rx: oneshot::Receiver<CloseCmd>,
 ) {
     let (mut sink, mut stream) = ws.split();
-    // The writer sends owner frames in order; a close message ends it.
+    // The writer sends owner frames in order. `stop` ends it at once, even
+    // mid-send to a runtime that stopped reading, with our close frame (or
+    // none when the runtime closed first: then `close` flushes the reply
+    // tungstenite queued).
+    let (stop_tx, mut stop_rx) = oneshot::channel::<Option<CloseFrame>>();
     let writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            let last = m.is_close();
-            if sink.send(m).await.is_err() || last {
-                break;
+        let frame = loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => {
+                        tokio::select! {
+                            r = sink.send(m) => if r.is_err() { return; },
+                            f = &mut stop_rx => break f.ok().flatten(),
+                        }
+                    }
+                    None => break None,
+                },
+                f = &mut stop_rx => break f.ok().flatten(),
             }
-        }
-        let _ = tokio::time::timeout(CLOSE_WAIT, sink.close()).await;
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            if let Some(f) = frame {
+                sink.send(Message::Close(Some(f))).await?;
+            }
+            sink.close().await
+        })
+        .await;
     });
     let grace = Duration::from_secs(hub.route.detach_grace_secs);
     let mut detached_at: Option<tokio::time::Instant> = None;
@@ -284,6 +321,13 @@ async fn run(
             _ = app.shutdown.begun() => break crate::proxy::relay::GOING_AWAY.into(),
             _ = hub.viewports_changed.notified() => {}
             _ = sleep_until_opt(deadline) => {
+                // Decide under the ring lock a viewport attaches under, so an
+                // attach racing the grace either keeps the hub or sees it closed.
+                let mut ring = hub.ring();
+                if !ring.viewports.is_empty() {
+                    continue;
+                }
+                ring.closed = Some(crate::proxy::relay::GOING_AWAY);
                 grace_over = true;
                 break crate::proxy::relay::GOING_AWAY.into();
             }
@@ -300,18 +344,20 @@ async fn run(
         });
     }
     hub.wake.send_modify(|v| *v = v.wrapping_add(1));
-    if !runtime_closed {
-        let frame = CloseFrame {
-            code: CloseCode::from(ending.code),
-            reason: ending.reason.clone().into(),
-        };
-        if let Some(link) = hub.link.get() {
-            let _ =
-                tokio::time::timeout(CLOSE_WAIT, link.tx.send(Message::Close(Some(frame)))).await;
-        }
+    let frame = (!runtime_closed).then(|| CloseFrame {
+        code: CloseCode::from(ending.code),
+        reason: ending.reason.clone().into(),
+    });
+    let _ = stop_tx.send(frame);
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_WAIT * 2, &mut writer)
+        .await
+        .is_err()
+    {
+        // Never leave a task (and the runtime's socket) behind.
+        writer.abort();
     }
-    let _ = tokio::time::timeout(CLOSE_WAIT * 2, writer).await;
-    app.registry.unregister(&hub.session_id, &hub.hub_conn_id());
+    app.registry.unregister(&hub.session_id, hub.hub_conn_id());
     if grace_over {
         // No viewport and no runtime connection any more: not DETACHED.
         let _ = tokio::time::timeout(CLOSE_WAIT, app.store.mark_idle(&hub.session_id)).await;

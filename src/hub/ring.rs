@@ -104,7 +104,10 @@ impl Ring {
             // replay from the oldest kept frame and say so.
             Some(_) => (self.first_seq, Some(false)),
         };
-        let owner = self.owner.is_none();
+        // Owner only when nobody else is attached: with readers present and
+        // the owner gone, the next viewport that *sends* claims ownership
+        // (SPEC §7), not the next one to arrive.
+        let owner = self.owner.is_none() && self.viewports.is_empty();
         if owner {
             self.owner = Some(id);
         }
@@ -226,6 +229,18 @@ mod tests {
         assert_eq!((s.seq, s.resume_ok), (5, None));
         let (s, _) = r.attach(4, Some(99));
         assert_eq!((s.seq, s.resume_ok), (2, Some(false)));
+    }
+
+    #[test]
+    fn a_new_viewport_does_not_take_ownership_from_attached_readers() {
+        let mut r = Ring::new(3, 1000);
+        r.attach(1, None);
+        r.attach(2, None);
+        r.detach(1);
+        let (s, _) = r.attach(3, None);
+        assert!(!s.owner, "reader 2 was there first");
+        assert!(r.may_write(2));
+        assert!(!r.may_write(3));
     }
 
     #[test]

@@ -104,13 +104,26 @@ pub async fn serve(
             _ = wake.changed() => {}
             m = ws.next() => match m {
                 Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                    // Both waits below depend on a peer (a slow runtime, a
+                    // reader that writes but never reads): they stay
+                    // interruptible by revocation and shutdown.
                     let owns = hub.ring().may_write(id);
-                    if owns {
-                        if hub.send_upstream(m).await.is_err() {
-                            break close(crate::proxy::relay::UPSTREAM_GONE);
+                    let sent = tokio::select! {
+                        r = async {
+                            if owns {
+                                hub.send_upstream(m).await.map_err(|()| close(crate::proxy::relay::UPSTREAM_GONE))
+                            } else {
+                                ws.send(Message::text(NOT_OWNED)).await.map_err(|_| End::Gone)
+                            }
+                        } => r,
+                        cmd = &mut revoked, if revoked_open => {
+                            revoked_open = false;
+                            Err(close(cmd.unwrap_or(crate::proxy::relay::GOING_AWAY)))
                         }
-                    } else if ws.send(Message::text(NOT_OWNED)).await.is_err() {
-                        break End::Gone;
+                        _ = shutdown.begun() => Err(close(crate::proxy::relay::GOING_AWAY)),
+                    };
+                    if let Err(end) = sent {
+                        break end;
                     }
                 }
                 Some(Ok(Message::Close(_))) | None => break End::Gone,

@@ -55,6 +55,11 @@ impl FrameTracker {
         self.remaining == 0
     }
 
+    /// Payload bytes of the current frame not yet passed.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
     /// Scans `chunk`, which starts where the previous scan's `forward` ended.
     pub fn scan(&mut self, chunk: &[u8], max_message: u64) -> Scan {
         let mut pos = 0usize;
@@ -100,6 +105,16 @@ impl FrameTracker {
             // No extension is negotiated through the gateway, so reserved
             // bits mean a broken or hostile peer.
             if header.rsv1 || header.rsv2 || header.rsv3 {
+                return Scan {
+                    forward: pos,
+                    event: Some(Event::Protocol),
+                    saw_close,
+                };
+            }
+            // RFC 6455 §5.5: control frames are short and never fragmented.
+            // A runtime or client breaking that is broken; stop it here
+            // rather than pass megabytes of "ping" past the message limit.
+            if matches!(header.opcode, OpCode::Control(_)) && (len > 125 || !header.is_final) {
                 return Scan {
                     forward: pos,
                     event: Some(Event::Protocol),
@@ -259,6 +274,26 @@ mod tests {
         bad[0] |= 0x40;
         assert_eq!(
             FrameTracker::default().scan(&bad, 10).event,
+            Some(Event::Protocol)
+        );
+    }
+
+    #[test]
+    fn oversized_or_fragmented_control_frames_are_protocol_errors() {
+        let mut big = Vec::new();
+        Frame::ping(vec![0u8; 126]).format(&mut big).unwrap();
+        assert_eq!(
+            FrameTracker::default().scan(&big, 1 << 20).event,
+            Some(Event::Protocol)
+        );
+        let mut ok = Vec::new();
+        Frame::ping(vec![0u8; 125]).format(&mut ok).unwrap();
+        assert_eq!(FrameTracker::default().scan(&ok, 1).event, None);
+        let mut frag = Vec::new();
+        Frame::ping(&b"p"[..]).format(&mut frag).unwrap();
+        frag[0] &= 0x7f; // clear FIN
+        assert_eq!(
+            FrameTracker::default().scan(&frag, 10).event,
             Some(Event::Protocol)
         );
     }

@@ -49,6 +49,9 @@ pub const PROTOCOL: CloseCmd = CloseCmd {
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// How long a close handshake the peers started may take.
 const PEER_CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How often a due but blocked ping (peer backpressured or mid-frame) is
+/// retried; keeps the timer from firing in a tight loop.
+const PING_RETRY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy)]
 pub struct RelayConfig {
@@ -89,13 +92,30 @@ struct Dir {
     src_eof: bool,
     saw_close: bool,
     last_rx: Option<Instant>,
+    /// A keep-alive ping reached this direction's source peer at this time.
     ping_sent: Option<Instant>,
+    /// A ping was due but could not be injected since this time.
+    ping_blocked: Option<Instant>,
 }
 
+/// What a read step did.
 enum Step {
     Nothing,
+    /// The source closed its side.
     Eof,
+    /// The source broke a rule (too big, not WebSocket).
     Event(Event),
+    /// Writing to the destination failed: the *other* peer is gone.
+    DstGone,
+}
+
+/// How much of what is read may pass.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    All,
+    /// Only the rest of the frame in flight (a close is owed after it).
+    FinishFrame,
+    Nothing,
 }
 
 impl Dir {
@@ -133,38 +153,35 @@ impl Dir {
         Ok(())
     }
 
-    /// Runs `data` (carry + new bytes, contiguous in `buf[..len]`) through
-    /// the tracker and forwards what may pass.
-    fn forward(
-        &mut self,
-        buf: &[u8],
-        dst: &TcpStream,
-        max: u64,
-        discard: bool,
-    ) -> io::Result<Step> {
+    /// Runs `buf` (carry + new bytes) through the tracker and forwards what
+    /// may pass.
+    fn forward(&mut self, buf: &[u8], dst: &TcpStream, max: u64, pass: Pass) -> Step {
+        if pass == Pass::FinishFrame {
+            let take = self.tracker.remaining().min(buf.len() as u64) as usize;
+            let scan = self.tracker.scan(&buf[..take], max);
+            self.carry_len = 0;
+            return match self.send(dst, &buf[..scan.forward]) {
+                Ok(()) => Step::Nothing,
+                Err(_) => Step::DstGone,
+            };
+        }
         let scan = self.tracker.scan(buf, max);
         self.saw_close |= scan.saw_close;
-        if !discard {
-            self.send(dst, &buf[..scan.forward])?;
+        if pass == Pass::All && self.send(dst, &buf[..scan.forward]).is_err() {
+            return Step::DstGone;
         }
         if let Some(ev) = scan.event {
             self.carry_len = 0;
-            return Ok(Step::Event(ev));
+            return Step::Event(ev);
         }
         let rest = &buf[scan.forward..];
         self.carry[..rest.len()].copy_from_slice(rest);
         self.carry_len = rest.len();
-        Ok(Step::Nothing)
+        Step::Nothing
     }
 
     /// One read-scan-write step from `src` to `dst`.
-    fn pump(
-        &mut self,
-        src: &TcpStream,
-        dst: &TcpStream,
-        cfg: &RelayConfig,
-        discard: bool,
-    ) -> io::Result<Step> {
+    fn pump(&mut self, src: &TcpStream, dst: &TcpStream, cfg: &RelayConfig, pass: Pass) -> Step {
         SCRATCH.with(|scratch| {
             let mut buf = scratch.borrow_mut();
             let want = cfg.io_buffer + MAX_HEADER;
@@ -173,24 +190,22 @@ impl Dir {
             }
             buf[..self.carry_len].copy_from_slice(&self.carry[..self.carry_len]);
             let n = match src.try_read(&mut buf[self.carry_len..want]) {
-                Ok(0) => return Ok(Step::Eof),
+                Ok(0) => return Step::Eof,
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Nothing),
-                Err(e) => return Err(e),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Nothing,
+                Err(_) => return Step::Eof,
             };
             self.last_rx = Some(Instant::now());
             self.ping_sent = None;
+            self.ping_blocked = None;
             let len = self.carry_len + n;
-            self.forward(&buf[..len], dst, cfg.max_message, discard)
+            self.forward(&buf[..len], dst, cfg.max_message, pass)
         })
     }
 
     /// Injects a frame of ours if this direction is between frames.
     fn inject(&mut self, dst: &TcpStream, frame: &[u8]) -> bool {
-        if !self.tracker.at_boundary() {
-            return false;
-        }
-        self.send(dst, frame).is_ok()
+        self.tracker.at_boundary() && self.send(dst, frame).is_ok()
     }
 }
 
@@ -200,6 +215,163 @@ pub struct Pair {
     pub client_early: bytes::Bytes,
     pub upstream: TcpStream,
     pub upstream_early: bytes::Bytes,
+}
+
+/// The relay's whole state, so the decisions below are plain methods.
+struct Relay {
+    client: TcpStream,
+    upstream: TcpStream,
+    c2u: Dir,
+    u2c: Dir,
+    cfg: RelayConfig,
+    /// Set once the connection is ending: until then, how it ended so far.
+    closing: Option<(Instant, Ended)>,
+    /// A close frame owed to the client once the frame in flight ends.
+    owe_client: Option<CloseCmd>,
+    /// The peers started a close handshake; it must finish by then.
+    peer_close_deadline: Option<Instant>,
+}
+
+impl Relay {
+    fn closing(&self) -> bool {
+        self.closing.is_some()
+    }
+
+    /// Ends the connection on the gateway's initiative: a close frame to
+    /// both peers (the client's waits for the frame in flight to end).
+    /// Only the first decision counts; the deadline never moves later.
+    fn begin_close(&mut self, cmd: CloseCmd) {
+        if self.closing() {
+            return;
+        }
+        let mut ended = Ended::Dropped;
+        if !self.u2c.saw_close {
+            let frame = frames::close_frame(cmd.code, cmd.reason, false);
+            if self.u2c.inject(&self.client, &frame) {
+                ended = Ended::Gateway(cmd.code);
+            } else {
+                self.owe_client = Some(cmd);
+            }
+        }
+        if !self.c2u.saw_close && !self.c2u.src_eof {
+            // The runtime hears the same reason (a vanished runtime hears nothing).
+            self.c2u.inject(
+                &self.upstream,
+                &frames::close_frame(cmd.code, cmd.reason, true),
+            );
+        }
+        self.closing = Some((Instant::now() + CLOSE_WAIT, ended));
+    }
+
+    /// The client is gone: tell the runtime and end.
+    fn client_gone(&mut self) {
+        if !self.c2u.saw_close && !self.c2u.src_eof {
+            self.c2u.inject(
+                &self.upstream,
+                &frames::close_frame(GOING_AWAY.code, GOING_AWAY.reason, true),
+            );
+        }
+        if !self.closing() {
+            self.closing = Some((Instant::now(), Ended::Peers));
+        }
+    }
+
+    /// After the frame in flight to the client ended, send the owed close.
+    fn settle_owed_close(&mut self) {
+        if let Some(cmd) = self.owe_client
+            && self.u2c.tracker.at_boundary()
+        {
+            self.owe_client = None;
+            let frame = frames::close_frame(cmd.code, cmd.reason, false);
+            if self.u2c.inject(&self.client, &frame)
+                && let Some((_, ended)) = self.closing.as_mut()
+            {
+                *ended = Ended::Gateway(cmd.code);
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        self.begin_close(match ev {
+            Event::TooBig => TOO_BIG,
+            Event::Protocol => PROTOCOL,
+        });
+    }
+
+    /// Pings a quiet peer; reports a peer that stopped answering.
+    fn keepalive(&mut self, now: Instant) -> Option<CloseCmd> {
+        if self.cfg.ping_interval.is_zero() {
+            return None;
+        }
+        // The client is pinged through the upstream→client direction and vice
+        // versa; an unsolicited pong forwarded to the other peer is allowed by
+        // RFC 6455 §5.5.3, so replies need no filtering.
+        if ping_one(
+            &self.cfg,
+            &mut self.c2u,
+            &mut self.u2c,
+            &self.client,
+            false,
+            now,
+        ) {
+            return Some(GOING_AWAY);
+        }
+        if ping_one(
+            &self.cfg,
+            &mut self.u2c,
+            &mut self.c2u,
+            &self.upstream,
+            true,
+            now,
+        ) {
+            return Some(UPSTREAM_GONE);
+        }
+        None
+    }
+
+    fn next_deadline(&self, now: Instant) -> Instant {
+        let far = now + Duration::from_secs(3600);
+        let mut d = self.closing.map_or(far, |c| c.0);
+        d = d.min(self.peer_close_deadline.unwrap_or(far));
+        if !self.cfg.ping_interval.is_zero() {
+            for dir in [&self.c2u, &self.u2c] {
+                let t = match (dir.ping_sent, dir.ping_blocked, dir.last_rx) {
+                    (Some(sent), _, _) => sent + self.cfg.pong_timeout,
+                    (None, Some(_), _) => now + PING_RETRY,
+                    (None, None, Some(rx)) => rx + self.cfg.ping_interval,
+                    (None, None, None) => far,
+                };
+                d = d.min(t);
+            }
+        }
+        d
+    }
+}
+
+/// Pings the peer `watched` reads from, through `via`, when it has been
+/// quiet. True when it stopped answering: a ping unanswered, or one that
+/// could not even be sent, for `pong_timeout`.
+fn ping_one(
+    cfg: &RelayConfig,
+    watched: &mut Dir,
+    via: &mut Dir,
+    dst: &TcpStream,
+    masked: bool,
+    now: Instant,
+) -> bool {
+    if let Some(sent) = watched.ping_sent {
+        return now >= sent + cfg.pong_timeout;
+    }
+    if watched.last_rx.is_none_or(|t| now < t + cfg.ping_interval) {
+        return false;
+    }
+    if via.pending.is_empty() && via.inject(dst, &frames::ping_frame(masked)) {
+        watched.ping_sent = Some(now);
+        watched.ping_blocked = None;
+        return false;
+    }
+    let since = *watched.ping_blocked.get_or_insert(now);
+    now >= since + cfg.pong_timeout
 }
 
 /// Relays until the connection ends. `close_rx` delivers a gateway decision
@@ -216,243 +388,167 @@ pub async fn relay(
         upstream,
         upstream_early,
     } = pair;
-    let mut c2u = Dir::default();
-    let mut u2c = Dir::default();
     let now = Instant::now();
-    c2u.last_rx = Some(now);
-    u2c.last_rx = Some(now);
-
-    // Bytes either peer pipelined behind its handshake.
-    let early = |dir: &mut Dir, data: &[u8], dst: &TcpStream| -> Option<Event> {
-        if data.is_empty() {
-            return None;
-        }
-        match dir.forward(data, dst, cfg.max_message, false) {
-            Ok(Step::Event(ev)) => Some(ev),
-            _ => None,
-        }
+    let mut r = Relay {
+        client,
+        upstream,
+        c2u: Dir {
+            last_rx: Some(now),
+            ..Dir::default()
+        },
+        u2c: Dir {
+            last_rx: Some(now),
+            ..Dir::default()
+        },
+        cfg,
+        closing: None,
+        owe_client: None,
+        peer_close_deadline: None,
     };
-    let mut closing: Option<(Instant, Ended)> = None;
-    if let Some(ev) = early(&mut c2u, &client_early, &upstream) {
-        closing = Some(begin_close(
-            &mut c2u,
-            &mut u2c,
-            &client,
-            &upstream,
-            event_cmd(ev),
-        ));
-    } else if let Some(ev) = early(&mut u2c, &upstream_early, &client) {
-        closing = Some(begin_close(
-            &mut c2u,
-            &mut u2c,
-            &client,
-            &upstream,
-            event_cmd(ev),
-        ));
+    // Bytes either peer pipelined behind its handshake.
+    if !client_early.is_empty() {
+        match r
+            .c2u
+            .forward(&client_early, &r.upstream, cfg.max_message, Pass::All)
+        {
+            Step::Event(ev) => r.on_event(ev),
+            Step::DstGone => r.begin_close(UPSTREAM_GONE),
+            _ => {}
+        }
+    }
+    if !upstream_early.is_empty() && !r.closing() {
+        match r
+            .u2c
+            .forward(&upstream_early, &r.client, cfg.max_message, Pass::All)
+        {
+            Step::Event(ev) => r.on_event(ev),
+            Step::DstGone => r.client_gone(),
+            _ => {}
+        }
     }
     // The early bytes are slices of hyper's read buffers: keeping them would
     // keep those whole allocations alive for the life of the connection.
     drop(client_early);
     drop(upstream_early);
-    let mut peer_close_deadline: Option<Instant> = None;
     let mut close_rx_open = true;
 
     let ended = loop {
-        // While closing on our own initiative we only drain the client (for
-        // its close reply) and flush what we owe.
-        let our_close = closing.is_some();
-        let read_client = c2u.pending.is_empty() && !c2u.src_eof;
-        let read_upstream = u2c.pending.is_empty() && !u2c.src_eof && !our_close;
-        let deadline = next_deadline(&cfg, &c2u, &u2c, closing.map(|c| c.0), peer_close_deadline);
+        let closing = r.closing();
+        let read_client = r.c2u.pending.is_empty() && !r.c2u.src_eof;
+        // Once closing, the runtime is read only to finish a frame in flight
+        // to the client, after which the owed close frame goes out.
+        let upstream_pass = match (closing, r.owe_client.is_some()) {
+            (false, _) => Pass::All,
+            (true, true) => Pass::FinishFrame,
+            (true, false) => Pass::Nothing,
+        };
+        let read_upstream =
+            r.u2c.pending.is_empty() && !r.u2c.src_eof && upstream_pass != Pass::Nothing;
+        let deadline = r.next_deadline(Instant::now());
         tokio::select! {
             biased;
-            cmd = &mut close_rx, if close_rx_open && !our_close => {
+            cmd = &mut close_rx, if close_rx_open && !closing => {
                 close_rx_open = false;
                 if let Ok(cmd) = cmd {
-                    closing = Some(begin_close(&mut c2u, &mut u2c, &client, &upstream, cmd));
+                    r.begin_close(cmd);
                 }
             }
-            _ = shutdown.begun(), if !our_close => {
-                closing = Some(begin_close(&mut c2u, &mut u2c, &client, &upstream, GOING_AWAY));
-            }
-            r = upstream.writable(), if !c2u.pending.is_empty() => {
-                if r.and_then(|()| c2u.flush(&upstream)).is_err() {
-                    if our_close { break closing.map_or(Ended::Dropped, |c| c.1); }
-                    closing = Some(begin_close(&mut c2u, &mut u2c, &client, &upstream, UPSTREAM_GONE));
+            _ = shutdown.begun(), if !closing => r.begin_close(GOING_AWAY),
+            res = r.upstream.writable(), if !r.c2u.pending.is_empty() => {
+                if res.and_then(|()| r.c2u.flush(&r.upstream)).is_err() {
+                    if closing { break r.closing.map_or(Ended::Dropped, |c| c.1); }
+                    r.begin_close(UPSTREAM_GONE);
                 }
             }
-            r = client.writable(), if !u2c.pending.is_empty() => {
-                if r.and_then(|()| u2c.flush(&client)).is_err() {
-                    break closing.map_or(Ended::Dropped, |c| c.1);
+            res = r.client.writable(), if !r.u2c.pending.is_empty() => {
+                if res.and_then(|()| r.u2c.flush(&r.client)).is_err() {
+                    r.client_gone();
+                    break r.closing.map_or(Ended::Dropped, |c| c.1);
+                }
+                r.settle_owed_close();
+            }
+            res = r.client.readable(), if read_client => {
+                let pass = if closing { Pass::Nothing } else { Pass::All };
+                let step = match res {
+                    Ok(()) => r.c2u.pump(&r.client, &r.upstream, &cfg, pass),
+                    Err(_) => Step::Eof,
+                };
+                match step {
+                    Step::Nothing => {
+                        if closing && r.c2u.saw_close && r.u2c.pending.is_empty() && r.owe_client.is_none() {
+                            break r.closing.map_or(Ended::Peers, |c| c.1);
+                        }
+                        if r.c2u.saw_close && r.peer_close_deadline.is_none() {
+                            r.peer_close_deadline = Some(Instant::now() + PEER_CLOSE_WAIT);
+                        }
+                    }
+                    Step::Eof => {
+                        r.c2u.src_eof = true;
+                        if let Some((_, ended)) = r.closing { break ended; }
+                        r.client_gone();
+                    }
+                    Step::Event(ev) => r.on_event(ev),
+                    Step::DstGone => r.begin_close(UPSTREAM_GONE),
                 }
             }
-            r = client.readable(), if read_client => {
-                match r.and_then(|()| c2u.pump(&client, &upstream, &cfg, our_close)) {
-                    Ok(Step::Nothing) => {
-                        if our_close && c2u.saw_close && u2c.pending.is_empty() {
-                            break closing.map_or(Ended::Peers, |c| c.1);
-                        }
-                        if c2u.saw_close && peer_close_deadline.is_none() {
-                            peer_close_deadline = Some(Instant::now() + PEER_CLOSE_WAIT);
-                        }
-                    }
-                    Ok(Step::Eof) | Err(_) => {
-                        c2u.src_eof = true;
-                        if let Some((_, ended)) = closing { break ended; }
-                        // The client vanished: tell the runtime, then go.
-                        if !c2u.saw_close {
-                            c2u.inject(&upstream, &frames::close_frame(GOING_AWAY.code, GOING_AWAY.reason, true));
-                        }
-                        closing = Some((Instant::now() + CLOSE_WAIT, Ended::Peers));
-                    }
-                    Ok(Step::Event(ev)) => {
-                        closing = Some(begin_close(&mut c2u, &mut u2c, &client, &upstream, event_cmd(ev)));
-                    }
-                }
-            }
-            r = upstream.readable(), if read_upstream => {
-                match r.and_then(|()| u2c.pump(&upstream, &client, &cfg, false)) {
-                    Ok(Step::Nothing) => {
-                        if u2c.saw_close && peer_close_deadline.is_none() {
-                            peer_close_deadline = Some(Instant::now() + PEER_CLOSE_WAIT);
+            res = r.upstream.readable(), if read_upstream => {
+                let step = match res {
+                    Ok(()) => r.u2c.pump(&r.upstream, &r.client, &cfg, upstream_pass),
+                    Err(_) => Step::Eof,
+                };
+                match step {
+                    Step::Nothing => {
+                        r.settle_owed_close();
+                        if r.u2c.saw_close && r.peer_close_deadline.is_none() {
+                            r.peer_close_deadline = Some(Instant::now() + PEER_CLOSE_WAIT);
                         }
                     }
-                    Ok(Step::Eof) | Err(_) => {
-                        u2c.src_eof = true;
-                        if u2c.saw_close {
+                    Step::Eof if closing => r.u2c.src_eof = true,
+                    Step::Eof => {
+                        r.u2c.src_eof = true;
+                        if r.u2c.saw_close {
                             // Normal end: the runtime closed after its close frame.
-                            closing = Some((Instant::now() + CLOSE_WAIT, Ended::Peers));
-                            if u2c.pending.is_empty() { break Ended::Peers; }
+                            r.closing = Some((Instant::now() + CLOSE_WAIT, Ended::Peers));
+                            if r.u2c.pending.is_empty() { break Ended::Peers; }
                         } else {
-                            closing = Some(begin_close(&mut c2u, &mut u2c, &client, &upstream, UPSTREAM_GONE));
+                            r.begin_close(UPSTREAM_GONE);
                         }
                     }
-                    Ok(Step::Event(ev)) => {
-                        closing = Some(begin_close(&mut c2u, &mut u2c, &client, &upstream, event_cmd(ev)));
+                    Step::Event(ev) => r.on_event(ev),
+                    Step::DstGone => {
+                        r.client_gone();
+                        break r.closing.map_or(Ended::Dropped, |c| c.1);
                     }
                 }
             }
             _ = sleep_until(deadline) => {
                 let now = Instant::now();
-                if closing.is_some_and(|c| now >= c.0) {
-                    break closing.map_or(Ended::Dropped, |c| c.1);
+                if let Some((at, ended)) = r.closing && now >= at {
+                    break ended;
                 }
-                if peer_close_deadline.is_some_and(|d| now >= d) {
+                if r.peer_close_deadline.is_some_and(|d| now >= d) {
                     break Ended::Peers;
                 }
-                if let Some(gone) = keepalive(&cfg, &mut c2u, &mut u2c, &client, &upstream, now) {
-                    if our_close { break Ended::Dropped; }
-                    closing = Some(begin_close(&mut c2u, &mut u2c, &client, &upstream, gone));
+                if let Some(gone) = r.keepalive(now) {
+                    if closing { break Ended::Dropped; }
+                    r.begin_close(gone);
                 }
             }
         }
     };
-    finish(client, upstream, &mut u2c, &mut c2u).await;
+    finish(r).await;
     ended
 }
 
-fn event_cmd(ev: Event) -> CloseCmd {
-    match ev {
-        Event::TooBig => TOO_BIG,
-        Event::Protocol => PROTOCOL,
-    }
-}
-
-/// Sends our close frame to both peers (each only if between frames) and
-/// starts the wait for the client's reply.
-fn begin_close(
-    c2u: &mut Dir,
-    u2c: &mut Dir,
-    client: &TcpStream,
-    upstream: &TcpStream,
-    cmd: CloseCmd,
-) -> (Instant, Ended) {
-    let to_client =
-        !u2c.saw_close && u2c.inject(client, &frames::close_frame(cmd.code, cmd.reason, false));
-    if !c2u.saw_close && !c2u.src_eof {
-        // The runtime hears the same reason (a vanished runtime hears nothing).
-        c2u.inject(upstream, &frames::close_frame(cmd.code, cmd.reason, true));
-    }
-    let ended = if to_client {
-        Ended::Gateway(cmd.code)
-    } else {
-        Ended::Dropped
-    };
-    (Instant::now() + CLOSE_WAIT, ended)
-}
-
-/// Pings a quiet peer; reports a peer that stopped answering.
-fn keepalive(
-    cfg: &RelayConfig,
-    c2u: &mut Dir,
-    u2c: &mut Dir,
-    client: &TcpStream,
-    upstream: &TcpStream,
-    now: Instant,
-) -> Option<CloseCmd> {
-    if cfg.ping_interval.is_zero() {
-        return None;
-    }
-    // The client is pinged through the upstream→client direction and vice
-    // versa; an unsolicited pong forwarded to the other peer is allowed by
-    // RFC 6455 §5.5.3, so replies need no filtering.
-    if ping_one(cfg, c2u, u2c, client, false, now).is_some() {
-        return Some(GOING_AWAY);
-    }
-    if ping_one(cfg, u2c, c2u, upstream, true, now).is_some() {
-        return Some(UPSTREAM_GONE);
-    }
-    None
-}
-
-/// Pings `dst` (the peer `watched` reads from) through `via` when it has
-/// been quiet; `Some(())` when a ping went unanswered for too long.
-fn ping_one(
-    cfg: &RelayConfig,
-    watched: &mut Dir,
-    via: &mut Dir,
-    dst: &TcpStream,
-    masked: bool,
-    now: Instant,
-) -> Option<()> {
-    if let Some(sent) = watched.ping_sent {
-        return (now >= sent + cfg.pong_timeout).then_some(());
-    }
-    if watched
-        .last_rx
-        .is_some_and(|t| now >= t + cfg.ping_interval)
-        && via.pending.is_empty()
-        && via.inject(dst, &frames::ping_frame(masked))
-    {
-        watched.ping_sent = Some(now);
-    }
-    None
-}
-
-fn next_deadline(
-    cfg: &RelayConfig,
-    c2u: &Dir,
-    u2c: &Dir,
-    closing: Option<Instant>,
-    peer_close: Option<Instant>,
-) -> Instant {
-    let far = Instant::now() + Duration::from_secs(3600);
-    let mut d = closing.unwrap_or(far).min(peer_close.unwrap_or(far));
-    if !cfg.ping_interval.is_zero() {
-        for dir in [c2u, u2c] {
-            let t = match (dir.ping_sent, dir.last_rx) {
-                (Some(sent), _) => sent + cfg.pong_timeout,
-                (None, Some(rx)) => rx + cfg.ping_interval,
-                (None, None) => far,
-            };
-            d = d.min(t);
-        }
-    }
-    d
-}
-
 /// Flushes what we still owe each peer (bounded) and closes both sockets.
-async fn finish(mut client: TcpStream, mut upstream: TcpStream, u2c: &mut Dir, c2u: &mut Dir) {
+async fn finish(r: Relay) {
+    let Relay {
+        mut client,
+        mut upstream,
+        mut u2c,
+        mut c2u,
+        ..
+    } = r;
     let flush = async {
         while !u2c.pending.is_empty() {
             if client.writable().await.is_err() || u2c.flush(&client).is_err() {

@@ -180,6 +180,7 @@ impl Upstream {
                                 let block = vec![0x5au8; 16 * 1024];
                                 for i in 0..n {
                                     if ws.send(Message::binary(block.clone())).await.is_err() {
+                                        let _ = ev.send(Event::Dropped).await;
                                         return;
                                     }
                                     if per_ms > 0 && i % per_ms == per_ms - 1 {
