@@ -2,7 +2,7 @@
 # Benchmarks Portcullis against NGINX, HAProxy and a direct connection, all in
 # front of the same echo runtime, on 127.0.0.1 only. See bench/README.md.
 #
-#   bench/run.sh              # full run: 3 interleaved runs, medians (~7 min)
+#   bench/run.sh              # full run: 3 interleaved runs, medians (~5-7 min)
 #   bench/run.sh --quick      # 1 short run (~1-2 min)
 #   bench/run.sh --runs 5     # more runs
 #
@@ -410,9 +410,9 @@ for run in $(seq "$RUNS"); do
     wants api || continue
     base="http://127.0.0.1:$PORTCULLIS_PORT"
     bench 60 login --base "$base" --user bench --password "$PASSWORD" --run "$run" \
-        --secs "$API_SECS" --concurrency "$LOGIN_CONCURRENCY"
+        --secs "$API_SECS" --concurrency "$LOGIN_CONCURRENCY" --pid "$PORTCULLIS_PID"
     bench 60 verify --base "$base" --user bench --password "$PASSWORD" --run "$run" \
-        --secs "$API_SECS" --concurrency "$VERIFY_CONCURRENCY"
+        --secs "$API_SECS" --concurrency "$VERIFY_CONCURRENCY" --pid "$PORTCULLIS_PID"
 done
 ELAPSED=$(( $(date +%s) - STARTED ))
 BUSY_AFTER=$(cpu_busy_pct)

@@ -85,7 +85,9 @@ fn main() -> ExitCode {
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     init_logging();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // The control runtime: signals, store background work, sweeps. Sockets
+    // are served by per-core shard runtimes (see server::run_until_signal).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("building the Tokio runtime");
@@ -142,15 +144,15 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let loaded = Config::load(&path).map_err(|e| anyhow::anyhow!("config error: {e}"))?;
     let listen = loaded.listen;
     let app = App::build(loaded).await.context("starting")?.into_shared();
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
+    let shards = portcullis::server::shard_count(app.config.server.worker_threads);
+    let listeners = portcullis::server::bind_shards(listen, shards)
         .with_context(|| format!("binding {listen}"))?;
-    portcullis::server::run_until_signal(app, listener).await
+    portcullis::server::run_until_signal(app, listeners).await
 }
 
 async fn demo(listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let (app, listener, creds) = portcullis::demo::prepare(listen).await?;
     println!("username: {}", creds.username);
     println!("password: {}", creds.password);
-    portcullis::server::run_until_signal(app, listener).await
+    portcullis::server::run_until_signal(app, vec![listener.into_std()?]).await
 }

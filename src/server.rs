@@ -12,7 +12,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::app::App;
@@ -26,7 +26,6 @@ pub const HTTP_HEADROOM: usize = 1024;
 /// Serves `listener` until `app.shutdown` begins, then stops accepting and
 /// asks every HTTP connection to finish; socket tasks watch the same signal.
 pub async fn run(listener: TcpListener, app: Arc<App>) {
-    crate::gate::maintenance::spawn(app.clone());
     let limit = Arc::new(Semaphore::new(
         app.config.server.max_connections as usize + HTTP_HEADROOM,
     ));
@@ -92,19 +91,88 @@ async fn serve_connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
+/// Binds `addr` `shards` times with `SO_REUSEPORT`, so the kernel spreads
+/// connections over one listener per shard. Port 0 is resolved by the first
+/// bind and reused by the others.
+pub fn bind_shards(addr: SocketAddr, shards: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(shards);
+    let mut addr = addr;
+    for _ in 0..shards.max(1) {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        #[cfg(unix)]
+        socket.set_reuseport(shards > 1)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?;
+        addr = listener.local_addr()?;
+        // Deregistered from this runtime; each shard registers its own.
+        out.push(listener.into_std()?);
+    }
+    Ok(out)
+}
+
+/// How many shards `server.worker_threads` asks for (0 = one per core).
+pub fn shard_count(configured: usize) -> usize {
+    if configured > 0 {
+        configured
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
 /// Serves until SIGTERM/SIGINT, then stops accepting, lets open sockets close
 /// (`1001 going_away`) within `shutdown_grace_ms`, and returns.
-pub async fn run_until_signal(app: Arc<App>, listener: TcpListener) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
+///
+/// Each listener gets its own thread with a single-threaded runtime: a
+/// connection and its runtime socket live and die on one thread, as in
+/// NGINX's worker model, so relaying a frame never wakes another thread
+/// (measured in BENCHMARKS.md: work-stealing wake-ups cost ~25% of the CPU
+/// per streamed message). The calling runtime keeps the control work:
+/// signals, the store's background tasks, revocation and expiry sweeps.
+pub async fn run_until_signal(
+    app: Arc<App>,
+    listeners: Vec<std::net::TcpListener>,
+) -> anyhow::Result<()> {
+    let addr = listeners
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no listener"))?
+        .local_addr()?;
+    let grace = Duration::from_millis(app.config.server.shutdown_grace_ms);
+    crate::gate::maintenance::spawn(app.clone());
+    let mut shards = Vec::new();
+    for (i, std_listener) in listeners.into_iter().enumerate() {
+        let app = app.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("portcullis-shard-{i}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("building a shard runtime");
+                rt.block_on(async move {
+                    match TcpListener::from_std(std_listener) {
+                        Ok(listener) => run(listener, app.clone()).await,
+                        Err(e) => tracing::error!(error = %e, "shard could not take its listener"),
+                    }
+                    // This runtime must outlive the sockets it drives: wait
+                    // for every tracked task (all shards) to drain.
+                    let _ = tokio::time::timeout(grace, app.shutdown.wait()).await;
+                });
+                let _ = done_tx.send(());
+            })?;
+        shards.push(done_rx);
+    }
     // Stdout, not the log: scripts and tests read the address from here.
     println!("portcullis listening on http://{addr}");
-    tracing::info!(%addr, routes = app.routes.iter().count(), "serving");
-    let server = tokio::spawn(run(listener, app.clone()));
+    tracing::info!(%addr, shards = shards.len(), routes = app.routes.iter().count(), "serving");
     crate::shutdown::signal().await;
     tracing::info!("shutdown signal received");
     app.shutdown.trigger();
-    let _ = server.await;
-    let grace = Duration::from_millis(app.config.server.shutdown_grace_ms);
     if app.shutdown.drain(grace).await {
         tracing::info!("drained; exiting");
     } else {
@@ -112,6 +180,9 @@ pub async fn run_until_signal(app: Arc<App>, listener: TcpListener) -> anyhow::R
             ?grace,
             "grace period over with connections still open; exiting"
         );
+    }
+    for done in shards {
+        let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
     }
     Ok(())
 }

@@ -44,6 +44,13 @@ impl Shutdown {
         self.tracker.spawn(fut)
     }
 
+    /// Waits until shutdown has begun and every tracked task has ended.
+    pub async fn wait(&self) {
+        self.token.cancelled().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
     /// Waits until every tracked task has ended, at most `grace`; `true` when
     /// everything drained in time.
     pub async fn drain(&self, grace: Duration) -> bool {

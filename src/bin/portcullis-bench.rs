@@ -201,6 +201,9 @@ struct LoginArgs {
     label: String,
     #[arg(long, default_value_t = 1)]
     run: u32,
+    /// Gateway process(es) whose VmRSS is reported before and after.
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
 }
 
 #[derive(Args)]
@@ -225,6 +228,9 @@ struct VerifyArgs {
     label: String,
     #[arg(long, default_value_t = 1)]
     run: u32,
+    /// Gateway process(es) whose VmRSS is reported before and after.
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -1039,6 +1045,7 @@ async fn login_bench(a: LoginArgs) -> Result<()> {
     // Fail fast on wrong credentials instead of tripping the rate limiter.
     login_once(&a.base, &a.user, &a.password).await?;
     let body = Bytes::from(login_body(&a.user, &a.password));
+    let rss_before = rss_kib(&a.pids).ok();
     let started = Instant::now();
     let t = api_loop(&a.base, a.concurrency, secs(a.secs), move |mut http| {
         let body = body.clone();
@@ -1056,7 +1063,8 @@ async fn login_bench(a: LoginArgs) -> Result<()> {
         }
     })
     .await;
-    api_emit("login", &a.label, a.run, a.concurrency, started, t);
+    let rss = rss_before.zip(rss_kib(&a.pids).ok());
+    api_emit("login", &a.label, a.run, a.concurrency, started, t, rss);
     Ok(())
 }
 
@@ -1067,6 +1075,7 @@ async fn verify_bench(a: VerifyArgs) -> Result<()> {
     };
     let path: Arc<str> = format!("/api/session/{sid}").into();
     let token: Arc<str> = token.into();
+    let rss_before = rss_kib(&a.pids).ok();
     let started = Instant::now();
     let t = api_loop(&a.base, a.concurrency, secs(a.secs), move |mut http| {
         let (path, token) = (path.clone(), token.clone());
@@ -1079,21 +1088,37 @@ async fn verify_bench(a: VerifyArgs) -> Result<()> {
         }
     })
     .await;
-    api_emit("verify", &a.label, a.run, a.concurrency, started, t);
+    let rss = rss_before.zip(rss_kib(&a.pids).ok());
+    api_emit("verify", &a.label, a.run, a.concurrency, started, t, rss);
     Ok(())
 }
 
-fn api_emit(bench: &str, label: &str, run: u32, concurrency: usize, started: Instant, t: ApiTally) {
+fn api_emit(
+    bench: &str,
+    label: &str,
+    run: u32,
+    concurrency: usize,
+    started: Instant,
+    t: ApiTally,
+    rss: Option<(u64, u64)>,
+) {
     let elapsed = started.elapsed().as_secs_f64();
     let rate = t.ok as f64 / elapsed;
     let (p50, p99) = (percentile(&t.lat, 0.5), percentile(&t.lat, 0.99));
     let n_err: u64 = t.statuses.values().sum();
-    emit(
-        json!({"bench": bench, "target": label, "run": run, "concurrency": concurrency,
+    let mut v = json!({"bench": bench, "target": label, "run": run, "concurrency": concurrency,
                "per_sec": round1(rate), "ok": t.ok, "p50_us": p50, "p99_us": p99,
-               "errors": n_err, "error_kinds": t.statuses, "secs": round1(elapsed)}),
+               "errors": n_err, "error_kinds": t.statuses, "secs": round1(elapsed)});
+    let mut rss_note = String::new();
+    if let Some((before, after)) = rss {
+        v["rss_before_kib"] = json!(before);
+        v["rss_after_kib"] = json!(after);
+        rss_note = format!(", gateway RSS {before} -> {after} KiB");
+    }
+    emit(
+        v,
         format!(
-            "{bench} {label}: {rate:.0}/s ({} ok in {elapsed:.2} s, concurrency {concurrency}, p50 {p50} µs, p99 {p99} µs, {n_err} errors {:?})",
+            "{bench} {label}: {rate:.0}/s ({} ok in {elapsed:.2} s, concurrency {concurrency}, p50 {p50} µs, p99 {p99} µs, {n_err} errors {:?}{rss_note})",
             t.ok, t.statuses
         ),
     );
@@ -1247,10 +1272,7 @@ fn report(files: &[PathBuf]) -> Result<()> {
             format!("{x:.1}")
         }
     };
-    println!(
-        "| figure | direct | nginx | haproxy | portcullis | portcullis/nginx | portcullis/haproxy |"
-    );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut main_rows = Vec::new();
     let mut spread = Vec::new();
     for f in FIGURES {
         let cells: Vec<Option<(f64, f64, f64, usize)>> =
@@ -1264,7 +1286,7 @@ fn report(files: &[PathBuf]) -> Result<()> {
                 (Some(a), Some(b)) if b.0 != 0.0 => format!("{:.2}x", a.0 / b.0),
                 _ => "–".into(),
             };
-        println!(
+        main_rows.push(format!(
             "| {} | {} | {} | {} | {} | {} | {} |",
             f.title,
             show(&cells[0]),
@@ -1273,7 +1295,7 @@ fn report(files: &[PathBuf]) -> Result<()> {
             show(&cells[3]),
             ratio(&cells[3], &cells[1]),
             ratio(&cells[3], &cells[2]),
-        );
+        ));
         if f.field != "errors" {
             let range = |c: &Option<(f64, f64, f64, usize)>| {
                 c.map_or("–".into(), |c| {
@@ -1290,13 +1312,22 @@ fn report(files: &[PathBuf]) -> Result<()> {
             ));
         }
     }
-    println!();
-    println!("Spread over runs (min–max):");
-    println!();
-    println!("| figure | direct | nginx | haproxy | portcullis |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    for row in spread {
-        println!("{row}");
+    if !main_rows.is_empty() {
+        println!(
+            "| figure | direct | nginx | haproxy | portcullis | portcullis/nginx | portcullis/haproxy |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for row in main_rows {
+            println!("{row}");
+        }
+        println!();
+        println!("Spread over runs (min–max):");
+        println!();
+        println!("| figure | direct | nginx | haproxy | portcullis |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for row in spread {
+            println!("{row}");
+        }
     }
     let api: Vec<(&str, &str)> = vec![
         ("login", "logins/s (POST /api/auth/login)"),
@@ -1311,17 +1342,28 @@ fn report(files: &[PathBuf]) -> Result<()> {
         let p99 = cell(bench, "portcullis", "p99_us").map_or(0.0, |c| c.0);
         let errs = cell(bench, "portcullis", "errors").map_or(0.0, |c| c.0);
         let conc = cell(bench, "portcullis", "concurrency").map_or(0.0, |c| c.0);
+        // Lowest before and highest after over the runs: memory that a
+        // burst makes the process keep shows up once, in the first run.
+        let mib = |f: &str, highest: bool| {
+            cell(bench, "portcullis", f).map_or("–".to_string(), |c| {
+                format!("{:.0}", if highest { c.2 } else { c.1 } / 1024.0)
+            })
+        };
         rows.push(format!(
-            "| {title} | {conc:.0} | {} | {} | {} | {errs:.0} |",
+            "| {title} | {conc:.0} | {} | {} | {} | {errs:.0} | {} → {} |",
             fmt(rate.0),
             fmt(p50),
-            fmt(p99)
+            fmt(p99),
+            mib("rss_before_kib", false),
+            mib("rss_after_kib", true)
         ));
     }
     if !rows.is_empty() {
         println!();
-        println!("| Portcullis on Redis | concurrency | per second | p50 µs | p99 µs | errors |");
-        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        println!(
+            "| Portcullis on Redis | concurrency | per second | p50 µs | p99 µs | errors | gateway RSS MiB (lowest before → highest after) |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
         for r in rows {
             println!("{r}");
         }

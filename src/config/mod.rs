@@ -82,6 +82,10 @@ pub struct ServerConfig {
     /// borrowed only while data is moving, so idle sockets hold none.
     #[serde(default = "default_io_buffer_bytes")]
     pub io_buffer_bytes: usize,
+    /// Extension: shard threads, each a single-threaded runtime with its own
+    /// `SO_REUSEPORT` listener; 0 = one per core.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -242,6 +246,7 @@ impl Default for ServerConfig {
             ping_interval_ms: default_ping_interval_ms(),
             pong_timeout_ms: default_pong_timeout_ms(),
             io_buffer_bytes: default_io_buffer_bytes(),
+            worker_threads: 0,
         }
     }
 }

@@ -80,6 +80,12 @@ pub(super) fn validate(
             "must be at least 1 while pings are enabled".into(),
         ));
     }
+    if s.worker_threads > 256 {
+        return Err(err(
+            "server.worker_threads",
+            "must be between 0 (one per core) and 256".into(),
+        ));
+    }
     if !(1024..=1_048_576).contains(&s.io_buffer_bytes) {
         return Err(err(
             "server.io_buffer_bytes",

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Counts a proxy's system calls (perf syscall tracepoints) and CPU time over a
+# 2-second window in the middle of one workload, to explain a figure of
+# BENCHMARKS.md. Needs `perf` with tracepoint access (root).
+#
+#   bench/syscalls.sh rtt portcullis 1   # workload: rtt|stream|churn
+#   bench/syscalls.sh churn nginx        # target: nginx|haproxy|portcullis
+#
+# The optional third argument is the window in seconds (default 2; use 1 for
+# rtt, which finishes in about 2 s).
+#
+# It runs `bench/run.sh --no-build --only WORKLOAD --targets TARGET --runs 1`
+# in the background (which starts and stops every process itself), finds the
+# target's pids in that run's temp directory, and only reads them.
+set -euo pipefail
+
+W=${1:?workload: rtt|stream|churn}
+T=${2:?target: nginx|haproxy|portcullis}
+WINDOW=${3:-2}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=$(mktemp /tmp/portcullis-syscalls.XXXXXX)
+trap 'rm -f "$OUT" "$OUT".*' EXIT
+
+before=$(ls -d /tmp/portcullis-bench.* 2>/dev/null || true)
+"$ROOT/bench/run.sh" --no-build --only "$W" --targets "$T" --runs 1 --out "$OUT.res" >"$OUT" 2>&1 &
+RUN=$!
+for _ in $(seq 600); do grep -q '^-- run 1' "$OUT" && break; sleep 0.1; done
+TMPD=""
+for d in $(ls -dt /tmp/portcullis-bench.* 2>/dev/null); do
+    case " $before " in *" $d "*) ;; *) TMPD=$d; break ;; esac
+done
+[ -n "$TMPD" ] || { echo "syscalls.sh: run did not start" >&2; wait "$RUN"; exit 1; }
+
+case $T in
+    nginx) P=$(pgrep -P "$(pgrep -f "nginx -p $TMPD" | head -n1)" | paste -sd,) ;;
+    haproxy) P=$(pgrep -f "haproxy -db -f $TMPD" | paste -sd,) ;;
+    portcullis) P=$(pgrep -f "$TMPD/portcullis --config" | paste -sd,) ;;
+    *) echo "syscalls.sh: unknown target $T" >&2; wait "$RUN"; exit 2 ;;
+esac
+REDIS=$(pgrep -f "redis-server 127.0.0.1:$(grep -o 'redis://127.0.0.1:[0-9]*' "$TMPD/portcullis.toml" | cut -d: -f3)" || true)
+
+# CPU ticks (10 ms) of the pids that still exist.
+ticks() {
+    local s=0 p v
+    for p in ${1//,/ }; do
+        v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || continue
+        s=$((s + v))
+    done
+    echo "$s"
+}
+
+sleep 0.7
+EV=""
+for s in recvfrom sendto read write readv writev epoll_wait futex epoll_ctl connect accept4 \
+         close shutdown setsockopt getsockopt socket getrandom ioctl; do
+    EV="$EV${EV:+,}syscalls:sys_enter_$s"
+done
+t0=$(ticks "$P"); r0=$( [ -n "$REDIS" ] && ticks "$REDIS" || echo 0)
+perf stat -e "$EV" -p "$P" -o "$OUT.perf" -- sleep "$WINDOW"
+t1=$(ticks "$P"); r1=$( [ -n "$REDIS" ] && ticks "$REDIS" || echo 0)
+wait "$RUN" || true
+
+grep -E "^   $W " "$OUT" || true
+echo "   $WINDOW s window: $T CPU $(( (t1 - t0) * 10 )) ms${REDIS:+, its Redis CPU $(( (r1 - r0) * 10 )) ms (only meaningful for portcullis)}"
+awk '/syscalls:/ && $1 != "<not" { gsub(/syscalls:sys_enter_/, "", $2); printf "   %-12s %s\n", $2, $1 }' "$OUT.perf"
