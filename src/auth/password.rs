@@ -3,11 +3,16 @@
 //! Verification is CPU-heavy (tens of ms, ~19 MiB each), so it runs on the
 //! blocking pool behind a semaphore sized to the cores: a login flood queues
 //! instead of spawning hundreds of threads and gigabytes of hash memory.
+//!
+//! The argon2 working memory is allocated once per concurrent verification
+//! and reused. Allocating 19 MiB per login made glibc raise its mmap
+//! threshold and keep the freed blocks in per-thread arenas: a 5 s login
+//! burst left the gateway at ~750 MiB RSS for good (BENCHMARKS.md).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2};
+use argon2::password_hash::{Output, PasswordHash, PasswordHasher, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use tokio::sync::Semaphore;
 
 use crate::config::Secret;
@@ -43,6 +48,8 @@ pub struct Verifier {
     /// Verified against when the username is unknown, so an unknown user
     /// costs the same time as a wrong password.
     dummy_hash: Arc<str>,
+    /// Reusable argon2 working memory; never more buffers than permits.
+    memory: Arc<Mutex<Vec<Vec<Block>>>>,
 }
 
 impl Default for Verifier {
@@ -57,6 +64,7 @@ impl Verifier {
         Verifier {
             permits: Arc::new(Semaphore::new(cores)),
             dummy_hash: hash_password(b"portcullis-timing-equaliser").into(),
+            memory: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -67,19 +75,61 @@ impl Verifier {
         let Ok(_permit) = self.permits.clone().acquire_owned().await else {
             return false;
         };
+        let memory = self.memory.clone();
         let ok = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash)
-                .map(|parsed| {
-                    Argon2::default()
-                        .verify_password(password.expose(), &parsed)
-                        .is_ok()
-                })
-                .unwrap_or(false)
+            let mut blocks = memory
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .unwrap_or_default();
+            let ok = verify_with(&hash, password.expose(), &mut blocks);
+            memory
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(blocks);
+            ok
         })
         .await
         .unwrap_or(false);
         ok && known
     }
+}
+
+/// Verifies `password` against a PHC argon2 hash using `blocks` as working
+/// memory (grown if this hash needs more). The comparison is constant-time
+/// (`Output`'s equality).
+fn verify_with(phc: &str, password: &[u8], blocks: &mut Vec<Block>) -> bool {
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Ok(algorithm), Some(expected), Some(salt)) =
+        (Algorithm::try_from(hash.algorithm), hash.hash, hash.salt)
+    else {
+        return false;
+    };
+    let version = hash
+        .version
+        .and_then(|v| Version::try_from(v).ok())
+        .unwrap_or_default();
+    let Ok(params) = Params::try_from(&hash) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    if blocks.len() < params.block_count() {
+        blocks.resize(params.block_count(), Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    let argon = Argon2::new(algorithm, version, params);
+    if argon
+        .hash_password_into_with_memory(password, salt, &mut out, &mut blocks[..])
+        .is_err()
+    {
+        return false;
+    }
+    Output::new(&out).is_ok_and(|o| o == expected)
 }
 
 #[cfg(test)]
@@ -105,5 +155,27 @@ mod tests {
             !v.verify(None, Secret::new("portcullis-timing-equaliser"))
                 .await
         );
+    }
+
+    #[test]
+    fn pooled_verification_agrees_with_the_reference_verifier() {
+        use argon2::password_hash::PasswordVerifier;
+        let h = hash_password(b"pw");
+        let parsed = PasswordHash::new(&h).unwrap();
+        let mut blocks = Vec::new();
+        assert!(verify_with(&h, b"pw", &mut blocks));
+        assert!(Argon2::default().verify_password(b"pw", &parsed).is_ok());
+        assert!(!verify_with(&h, b"pW", &mut blocks));
+        // A hash with other parameters reuses (and grows) the same memory.
+        let small = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(1024, 1, 1, None).unwrap(),
+        );
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let h2 = small.hash_password(b"x", &salt).unwrap().to_string();
+        assert!(verify_with(&h2, b"x", &mut blocks));
+        assert!(!verify_with(&h2, b"y", &mut blocks));
+        assert!(!verify_with("not a hash", b"x", &mut blocks));
     }
 }
