@@ -79,6 +79,11 @@ enum Command {
     Login(LoginArgs),
     /// GET /api/session/{id} in a loop (token verify + store lookup).
     Verify(VerifyArgs),
+    /// Shared route: one runtime streams to N viewports of one session.
+    Fanout(FanoutArgs),
+    /// Shared route: detach, then reattach with resume_from; time to the
+    /// first replayed frame.
+    Resume(ResumeArgs),
     /// Print N currently free loopback ports, one per line.
     FreePort {
         #[arg(long, default_value_t = 1)]
@@ -115,6 +120,30 @@ struct Target {
     /// charged to the target during the measured window (repeatable).
     #[arg(long = "cpu-pid")]
     cpu_pids: Vec<u32>,
+}
+
+#[derive(Args)]
+struct FanoutArgs {
+    #[command(flatten)]
+    target: Target,
+    #[arg(long, default_value_t = 10)]
+    viewports: usize,
+    /// Frames the runtime streams (each viewport receives all of them).
+    #[arg(long, default_value_t = 2000)]
+    frames: usize,
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Gateway process(es) whose RSS per viewport is reported.
+    #[arg(long)]
+    pid: Vec<u32>,
+}
+
+#[derive(Args)]
+struct ResumeArgs {
+    #[command(flatten)]
+    target: Target,
+    #[arg(long, default_value_t = 200)]
+    iterations: usize,
 }
 
 #[derive(Args)]
@@ -253,6 +282,8 @@ fn main() -> std::process::ExitCode {
                     Command::Hold(a) => hold(a).await,
                     Command::Login(a) => login_bench(a).await,
                     Command::Verify(a) => verify_bench(a).await,
+                    Command::Fanout(a) => fanout(a).await,
+                    Command::Resume(a) => resume_bench(a).await,
                     Command::FreePort { .. } | Command::Report { .. } => unreachable!(),
                 }
             })
@@ -324,6 +355,18 @@ async fn echo(listen: SocketAddr) -> Result<()> {
                         let _ = ws.flush().await;
                         return;
                     }
+                    // `stream:<n>:<size>` (text): send n binary frames of
+                    // `size` bytes, for the shared-session fan-out bench.
+                    if let Some((n, size)) = msg.to_text().ok().and_then(parse_stream_cmd) {
+                        let block = vec![0x5a_u8; size];
+                        for _ in 0..n {
+                            if ws.feed(Message::binary(block.clone())).await.is_err() {
+                                return;
+                            }
+                        }
+                        next = None;
+                        continue;
+                    }
                     let data = msg.is_text() || msg.is_binary();
                     if data && ws.feed(msg).await.is_err() {
                         return;
@@ -343,6 +386,13 @@ async fn echo(listen: SocketAddr) -> Result<()> {
             }
         });
     }
+}
+
+fn parse_stream_cmd(t: &str) -> Option<(usize, usize)> {
+    let mut parts = t.strip_prefix("stream:")?.split(':');
+    let n = parts.next()?.parse().ok()?;
+    let size: usize = parts.next()?.parse().ok()?;
+    Some((n, size.min(1 << 20)))
 }
 
 // ---------------------------------------------------------------- clients
@@ -1390,4 +1440,148 @@ mod tests {
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(&mut []), None);
     }
+}
+
+// ------------------------------------------------------- shared sessions
+
+/// Connects and returns the socket with its `Portcullis-Seq`.
+async fn ws_connect_seq(url: &str, token: &str) -> Result<(Ws, u64)> {
+    let mut req = url.into_client_request().context("bad --url")?;
+    req.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse()?,
+    );
+    let (ws, resp) = timeout(
+        CONNECT_TIMEOUT,
+        tokio_tungstenite::connect_async_with_config(req, Some(client_config()), true),
+    )
+    .await
+    .map_err(|_| anyhow!("upgrade timed out"))??;
+    let seq = resp
+        .headers()
+        .get("portcullis-seq")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no Portcullis-Seq: is --url a shared route?"))?;
+    Ok((ws, seq))
+}
+
+async fn fanout(a: FanoutArgs) -> Result<()> {
+    let token = target_token(&a.target)
+        .await?
+        .ok_or_else(|| anyhow!("fanout needs --token-url"))?;
+    let rss0 = if a.pid.is_empty() {
+        0
+    } else {
+        settled_rss(&a.pid, Duration::from_secs(3)).await?
+    };
+    let mut socks = Vec::with_capacity(a.viewports);
+    for _ in 0..a.viewports.max(1) {
+        socks.push(ws_connect_seq(&a.target.url, &token).await?.0);
+    }
+    let rss1 = if a.pid.is_empty() {
+        0
+    } else {
+        settled_rss(&a.pid, Duration::from_secs(3)).await?
+    };
+    let started = Instant::now();
+    socks[0]
+        .send(Message::text(format!("stream:{}:{}", a.frames, a.size)))
+        .await?;
+    let deadline = started + Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for mut ws in socks {
+        let frames = a.frames;
+        tasks.push(tokio::spawn(async move {
+            let mut got = 0usize;
+            while got < frames {
+                match timeout_at_or(deadline, ws.next()).await {
+                    Some(Some(Ok(Message::Binary(_)))) => got += 1,
+                    Some(Some(Ok(_))) => {}
+                    _ => break,
+                }
+            }
+            (got, ws)
+        }));
+    }
+    let mut delivered = 0usize;
+    let mut short = 0usize;
+    let mut open = Vec::new();
+    for t in tasks {
+        let (got, ws) = t.await?;
+        delivered += got;
+        short += usize::from(got < a.frames);
+        open.push(ws);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    for ws in open {
+        ws_close(ws).await;
+    }
+    let per_viewport_kib = (rss1 as f64 - rss0 as f64) / a.viewports.max(1) as f64;
+    let rate = delivered as f64 / secs;
+    emit(
+        json!({
+            "bench": "fanout", "target": a.target.label, "run": a.target.run,
+            "viewports": a.viewports, "frames": a.frames, "size": a.size,
+            "delivered": delivered, "short_viewports": short, "secs": round1(secs),
+            "frames_per_sec": round1(rate),
+            "rss_kib_per_viewport": if a.pid.is_empty() { Value::Null } else { json!(round1(per_viewport_kib)) },
+        }),
+        format!(
+            "# fanout {}: {} viewports x {} frames of {} B: {:.0} frames/s delivered ({} short), {} KiB RSS per idle viewport",
+            a.target.label,
+            a.viewports,
+            a.frames,
+            a.size,
+            rate,
+            short,
+            if a.pid.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{per_viewport_kib:.1}")
+            }
+        ),
+    );
+    Ok(())
+}
+
+async fn resume_bench(a: ResumeArgs) -> Result<()> {
+    let token = target_token(&a.target)
+        .await?
+        .ok_or_else(|| anyhow!("resume needs --token-url"))?;
+    let (mut ws, seq) = ws_connect_seq(&a.target.url, &token).await?;
+    let mut next = seq;
+    let sep = if a.target.url.contains('?') { '&' } else { '?' };
+    let mut lat = Vec::with_capacity(a.iterations);
+    for _ in 0..a.iterations {
+        // A frame is on its way (or already in the ring) as we detach.
+        ws.send(Message::text("stream:1:64")).await?;
+        ws_close(ws).await;
+        let t0 = Instant::now();
+        let url = format!("{}{sep}resume_from={next}", a.target.url);
+        let (mut again, from) = ws_connect_seq(&url, &token).await?;
+        anyhow::ensure!(from == next, "resumed at {from}, expected {next} (gap?)");
+        loop {
+            match timeout(CONNECT_TIMEOUT, again.next()).await {
+                Ok(Some(Ok(Message::Binary(_)))) => break,
+                Ok(Some(Ok(_))) => continue,
+                other => return Err(anyhow!("no replayed frame: {other:?}")),
+            }
+        }
+        lat.push(t0.elapsed().as_micros() as u32);
+        next += 1;
+        ws = again;
+    }
+    ws_close(ws).await;
+    lat.sort_unstable();
+    let (p50, p99) = (percentile(&lat, 0.50), percentile(&lat, 0.99));
+    emit(
+        json!({"bench": "resume", "target": a.target.label, "run": a.target.run,
+               "iterations": a.iterations, "p50_us": p50, "p99_us": p99}),
+        format!(
+            "# resume {}: reattach with resume_from to first replayed frame, p50 {p50} µs, p99 {p99} µs over {} reattaches",
+            a.target.label, a.iterations
+        ),
+    );
+    Ok(())
 }
