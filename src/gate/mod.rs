@@ -105,10 +105,7 @@ async fn gate(
             session_ttl: Duration::from_secs(app.config.sessions.ttl_secs),
         })
         .await
-        .map_err(|e| {
-            app.metrics.store_errors.inc();
-            ApiError::store_unavailable(&e)
-        })?;
+        .map_err(|e| crate::http::api::store_error(app, &e))?;
     let record = match attach {
         Attach::Attached(r) => r,
         Attach::NotFound => return Err(ApiError::session_ended(StatusCode::FORBIDDEN)),

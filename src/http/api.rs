@@ -136,7 +136,8 @@ async fn login_inner(
     Ok(issued_response(&record, &issued, true))
 }
 
-fn store_error(app: &App, e: &crate::session::StoreError) -> ApiError {
+/// A store failure: counted once, answered `503` with `Retry-After`.
+pub(crate) fn store_error(app: &App, e: &crate::session::StoreError) -> ApiError {
     app.metrics.store_errors.inc();
     ApiError::store_unavailable(e)
 }

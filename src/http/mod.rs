@@ -19,14 +19,22 @@ use crate::telemetry::{EndpointLabel, redact_target};
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
-    let target = redact_target(req.uri().path(), req.uri().query());
+    // A refcounted copy; the redacted string is built only if debug logging
+    // is on (tracing evaluates field values lazily), not on every upgrade.
+    let uri = req.uri().clone();
     let (endpoint, result) = dispatch(&app, req, peer).await;
     let resp = result.unwrap_or_else(ApiError::into_response);
     app.metrics
         .request_duration
         .get_or_create(&EndpointLabel { endpoint })
         .observe(started.elapsed().as_secs_f64());
-    tracing::debug!(%method, %target, status = resp.status().as_u16(), endpoint, "request");
+    tracing::debug!(
+        %method,
+        target = %redact_target(uri.path(), uri.query()),
+        status = resp.status().as_u16(),
+        endpoint,
+        "request"
+    );
     resp
 }
 
