@@ -68,8 +68,6 @@ pub struct Hub {
     link: OnceCell<Link>,
     next_viewport: AtomicU64,
     viewports_changed: Notify,
-    /// Set once when the hub ended (under the ring lock, with `closed`).
-    ending: Mutex<Option<Ending>>,
     /// This hub's registry entry; unique per hub, so an old hub's teardown
     /// can never unregister its successor.
     watcher_id: String,
@@ -93,7 +91,6 @@ impl Hub {
             link: OnceCell::new(),
             next_viewport: AtomicU64::new(1),
             viewports_changed: Notify::new(),
-            ending: Mutex::new(None),
             watcher_id,
             created: std::time::Instant::now(),
         }
@@ -104,17 +101,7 @@ impl Hub {
     }
 
     pub fn is_ended(&self) -> bool {
-        self.ending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-    }
-
-    pub fn ending(&self) -> Option<Ending> {
-        self.ending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.ring().closed.is_some()
     }
 
     pub fn new_viewport_id(&self) -> u64 {
@@ -327,22 +314,15 @@ async fn run(
                 if !ring.viewports.is_empty() {
                     continue;
                 }
-                ring.closed = Some(crate::proxy::relay::GOING_AWAY);
+                ring.closed = Some(crate::proxy::relay::GOING_AWAY.into());
                 grace_over = true;
                 break crate::proxy::relay::GOING_AWAY.into();
             }
         }
     };
     // Never hand this hub out again, then let viewports drain and close.
-    *hub.ending.lock().unwrap_or_else(|p| p.into_inner()) = Some(ending.clone());
+    hub.ring().closed = Some(ending.clone());
     app.hubs.remove(&hub);
-    {
-        let mut ring = hub.ring();
-        ring.closed = Some(CloseCmd {
-            code: ending.code,
-            reason: "",
-        });
-    }
     hub.wake.send_modify(|v| *v = v.wrapping_add(1));
     let frame = (!runtime_closed).then(|| CloseFrame {
         code: CloseCode::from(ending.code),

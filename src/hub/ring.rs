@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::proxy::relay::CloseCmd;
+use super::Ending;
 
 /// What the hub knows about one attached viewport.
 pub struct ViewportHandle {
@@ -34,8 +34,9 @@ pub struct Ring {
     bytes: usize,
     max_frames: usize,
     max_bytes: usize,
-    /// Set when the hub ended; viewports deliver what is left, then close.
-    pub closed: Option<CloseCmd>,
+    /// Set once, when the hub ended: viewports deliver what is left, then
+    /// close with this code and reason. An ended hub is never handed out.
+    pub closed: Option<Ending>,
     pub owner: Option<u64>,
     pub viewports: HashMap<u64, ViewportHandle>,
 }
@@ -44,7 +45,7 @@ pub struct Ring {
 pub enum Next {
     Send(Vec<Message>),
     Lagged,
-    Closed(CloseCmd),
+    Closed(Ending),
     Wait,
 }
 
@@ -168,8 +169,8 @@ impl Ring {
                     .collect(),
             );
         }
-        match self.closed {
-            Some(cmd) => Next::Closed(cmd),
+        match &self.closed {
+            Some(ending) => Next::Closed(ending.clone()),
             None => Next::Wait,
         }
     }

@@ -59,13 +59,7 @@ pub async fn serve(
         let next = hub.ring().next_for(cursor, BATCH);
         match next {
             Next::Lagged => break lag(),
-            Next::Closed(_) => {
-                let e = hub.ending().unwrap_or(super::Ending {
-                    code: 1001,
-                    reason: "going_away".into(),
-                });
-                break End::Close(e.code, e.reason, CLOSE_WAIT);
-            }
+            Next::Closed(e) => break End::Close(e.code, e.reason, CLOSE_WAIT),
             Next::Send(batch) => {
                 let n = batch.len() as u64;
                 let send = async {
