@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::app::App;
+use crate::session::SessionStore;
 
 /// Largest request head accepted; bigger heads get hyper's bare `431`.
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -155,6 +156,12 @@ pub async fn run_until_signal(
                     .build()
                     .expect("building a shard runtime");
                 rt.block_on(async move {
+                    // The store keeps one connection per shard (see
+                    // `session::redis`); make it now, not on the first upgrade.
+                    let warm = app.clone();
+                    tokio::spawn(async move {
+                        let _ = warm.store.ping().await;
+                    });
                     match TcpListener::from_std(std_listener) {
                         Ok(listener) => run(listener, app.clone()).await,
                         Err(e) => tracing::error!(error = %e, "shard could not take its listener"),

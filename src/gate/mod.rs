@@ -29,7 +29,7 @@ use crate::app::App;
 use crate::config::Mode;
 use crate::error::{ApiError, Body};
 use crate::http::credentials;
-use crate::ids::random_id;
+use crate::ids::connection_id;
 use crate::proxy::dial::{Dialled, UpstreamRequest, dial};
 use crate::proxy::relay::{self, Ended, Pair, RelayConfig};
 use crate::routing::Route;
@@ -93,7 +93,7 @@ async fn gate(
         .verify(token)
         .map_err(|e| ApiError::token(e, StatusCode::FORBIDDEN))?;
     // 4 + 5. Session and per-session limit, atomically in the store.
-    let conn_id = random_id();
+    let conn_id = connection_id();
     let server = &app.config.server;
     let attach = app
         .store

@@ -29,6 +29,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -144,23 +145,27 @@ return 0
 /// ARGV: conn id, lease ms, max per session, ttl ms. Returns 0 (not found),
 /// 1 (full) or the record. A connection that already holds a lease (a
 /// retry) is not counted against the limit a second time.
+///
+/// Every upgrade runs it, so it makes as few calls as it can (8; the record
+/// is assembled from what it already read): Redis's CPU per upgrade is part
+/// of the gateway's cost (BENCHMARKS.md).
 static ATTACH: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local f = redis.call('HMGET', KEYS[1], 'user', 'created_at')
+if not f[1] then return 0 end
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now))
-if not redis.call('ZSCORE', KEYS[2], ARGV[1])
-   and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
+local live = redis.call('ZCARD', KEYS[2])
+if live >= tonumber(ARGV[3]) and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   return 1
 end
 local exp = now + tonumber(ARGV[4])
-redis.call('ZADD', KEYS[2], int(now + tonumber(ARGV[2])), ARGV[1])
+live = live + redis.call('ZADD', KEYS[2], int(now + tonumber(ARGV[2])), ARGV[1])
 redis.call('HSET', KEYS[1], 'attached', '1', 'expires_at', int(exp))
-local rec = record(now)
 redis.call('PEXPIREAT', KEYS[1], int(exp))
 redis.call('PEXPIREAT', KEYS[2], int(exp))
-return rec
+return {f[1], tonumber(f[2]), exp, 1, live}
 "#,
     )
 });
@@ -175,17 +180,6 @@ local exp = int(now_ms() + tonumber(ARGV[1]))
 for i = 2, #ARGV do
   redis.call('ZADD', KEYS[2], 'XX', exp, ARGV[i])
 end
-return 1
-"#,
-    )
-});
-
-/// ARGV: conn id.
-static DETACH: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 "#,
     )
@@ -270,8 +264,15 @@ fn describe(op: &str, e: &RedisError) -> StoreError {
     StoreError(format!("redis {op}: {what}"))
 }
 
-/// The command connection, made lazily so the gateway can start (and answer
+/// The command connections, made lazily so the gateway can start (and answer
 /// `/readyz` 503) while Redis is still down.
+///
+/// One per thread that calls the store: the gateway runs one
+/// single-threaded runtime per core, and a connection's I/O is driven by a
+/// task on the runtime that made it. A connection shared by all shards
+/// would turn every store call into two cross-thread wake-ups (measured:
+/// ~3.4 eventfd writes per upgrade, BENCHMARKS.md); one per shard keeps a
+/// socket's upgrade, its Redis round trips and its relay on one thread.
 ///
 /// `ConnectionManager` reconnects after a dropped connection by itself, but
 /// it can only be built once Redis answers, and it never replaces a
@@ -280,15 +281,15 @@ fn describe(op: &str, e: &RedisError) -> StoreError {
 struct Commands {
     client: Client,
     config: ConnectionManagerConfig,
-    slot: Mutex<Slot>,
+    slots: Mutex<Slots>,
 }
 
 #[derive(Default)]
-struct Slot {
-    /// Identifies the manager in `current`, so a caller forgets only the one
-    /// that failed it, not a newer replacement.
+struct Slots {
+    /// Identifies each manager, so a caller forgets only the one that
+    /// failed it, not a newer replacement.
     generation: u64,
-    current: Option<ConnectionManager>,
+    by_thread: Vec<(ThreadId, u64, ConnectionManager)>,
 }
 
 impl Commands {
@@ -303,39 +304,45 @@ impl Commands {
         Commands {
             client,
             config,
-            slot: Mutex::new(Slot::default()),
+            slots: Mutex::new(Slots::default()),
         }
     }
 
-    fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
-        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn cached(&self) -> Option<(u64, ConnectionManager)> {
-        let slot = self.slot();
-        slot.current.clone().map(|m| (slot.generation, m))
+    fn cached(&self, me: ThreadId) -> Option<(u64, ConnectionManager)> {
+        let slots = self.slots();
+        slots
+            .by_thread
+            .iter()
+            .find(|(t, ..)| *t == me)
+            .map(|(_, g, m)| (*g, m.clone()))
     }
 
     async fn manager(&self) -> RedisResult<(u64, ConnectionManager)> {
-        if let Some(cached) = self.cached() {
+        let me = std::thread::current().id();
+        if let Some(cached) = self.cached(me) {
             return Ok(cached);
         }
         let fresh =
             ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await?;
-        let mut slot = self.slot();
-        if let Some(raced) = &slot.current {
-            return Ok((slot.generation, raced.clone()));
+        let mut slots = self.slots();
+        // A task on another thread of a multi-threaded runtime may finish
+        // this await elsewhere: key by where the manager is stored from.
+        let me = std::thread::current().id();
+        if let Some((_, g, raced)) = slots.by_thread.iter().find(|(t, ..)| *t == me) {
+            return Ok((*g, raced.clone()));
         }
-        slot.generation += 1;
-        slot.current = Some(fresh.clone());
-        Ok((slot.generation, fresh))
+        slots.generation += 1;
+        let generation = slots.generation;
+        slots.by_thread.push((me, generation, fresh.clone()));
+        Ok((generation, fresh))
     }
 
     fn forget(&self, generation: u64) {
-        let mut slot = self.slot();
-        if slot.generation == generation {
-            slot.current = None;
-        }
+        self.slots().by_thread.retain(|(_, g, _)| *g != generation);
     }
 }
 
@@ -536,10 +543,18 @@ impl SessionStore for RedisStore {
         self.eval::<i64>("renew", &inv).await.map(drop)
     }
 
+    /// A plain `ZREM`, not a script: removing a member never creates the
+    /// key, so it needs no existence check, it is safe to repeat, and it
+    /// costs Redis a fraction of an `EVALSHA` on every socket close.
     async fn detach(&self, session_id: &str, conn_id: &str) -> Result<(), StoreError> {
-        let mut inv = self.invocation(&DETACH, session_id);
-        inv.arg(conn_id);
-        self.eval::<i64>("detach", &inv).await.map(drop)
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(self.inner.keys.conns(session_id)).arg(conn_id);
+        let zrem = &zrem;
+        self.run("detach", |mut conn| async move {
+            zrem.query_async::<i64>(&mut conn).await
+        })
+        .await
+        .map(drop)
     }
 
     async fn mark_idle(&self, session_id: &str) -> Result<(), StoreError> {
