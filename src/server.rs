@@ -180,6 +180,7 @@ pub async fn run_until_signal(
     crate::shutdown::signal().await;
     tracing::info!("shutdown signal received");
     app.shutdown.trigger();
+    app.registry.close_all(crate::proxy::relay::GOING_AWAY);
     if app.shutdown.drain(grace).await {
         tracing::info!("drained; exiting");
     } else {

@@ -177,7 +177,7 @@ async fn gate(
                     upstream: dialled.stream,
                     upstream_early: dialled.early,
                 };
-                relay::relay(pair, cfg, close_rx, app.shutdown.clone()).await
+                relay::relay(pair, cfg, close_rx).await
             }
             _ => Ended::Dropped,
         };

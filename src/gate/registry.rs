@@ -28,8 +28,17 @@ pub struct SessionSnapshot {
     pub expires_at: i64,
 }
 
+/// Under one lock, so a socket registering while shutdown begins is either
+/// told by [`Registry::close_all`] or told at once by `register`.
+#[derive(Default)]
+struct Sessions {
+    map: HashMap<String, SessionConns>,
+    /// Set by `close_all`: every later socket is closed as it registers.
+    going_away: Option<CloseCmd>,
+}
+
 pub struct Registry {
-    sessions: Mutex<HashMap<String, SessionConns>>,
+    sessions: Mutex<Sessions>,
     open: Arc<AtomicU32>,
     max: u32,
 }
@@ -46,7 +55,7 @@ impl Drop for Slot {
 impl Registry {
     pub fn new(max: u32) -> Self {
         Registry {
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             open: Arc::new(AtomicU32::new(0)),
             max,
         }
@@ -62,6 +71,10 @@ impl Registry {
             .map(|_| Slot(self.open.clone()))
     }
 
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn open(&self) -> u32 {
         self.open.load(Ordering::Acquire)
     }
@@ -73,8 +86,15 @@ impl Registry {
         expires_at: i64,
     ) -> oneshot::Receiver<CloseCmd> {
         let (tx, rx) = oneshot::channel();
-        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map
+        let mut sessions = self.sessions();
+        if let Some(cmd) = sessions.going_away
+            && !conn_id.starts_with(UNLEASED_PREFIX)
+        {
+            let _ = tx.send(cmd);
+            return rx;
+        }
+        let entry = sessions
+            .map
             .entry(session_id.to_string())
             .or_insert_with(|| SessionConns {
                 expires_at,
@@ -98,22 +118,50 @@ impl Registry {
     }
 
     pub fn unregister(&self, session_id: &str, conn_id: &str) {
-        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = map.get_mut(session_id) {
+        let mut sessions = self.sessions();
+        if let Some(entry) = sessions.map.get_mut(session_id) {
             entry.conns.remove(conn_id);
             if entry.conns.is_empty() {
-                map.remove(session_id);
+                sessions.map.remove(session_id);
             }
         }
+    }
+
+    /// Tells every socket (not hubs: they watch shutdown themselves) to
+    /// close with `cmd`, now and as each later one registers. Used when
+    /// shutdown begins: a socket then needs no shutdown future of its own,
+    /// which would be one more waiter on a process-wide lock per relay step.
+    pub fn close_all(&self, cmd: CloseCmd) -> usize {
+        let mut told = Vec::new();
+        {
+            let mut sessions = self.sessions();
+            sessions.going_away = Some(cmd);
+            sessions.map.retain(|_, entry| {
+                let ids: Vec<String> = entry
+                    .conns
+                    .keys()
+                    .filter(|id| !id.starts_with(UNLEASED_PREFIX))
+                    .cloned()
+                    .collect();
+                for id in ids {
+                    if let Some(tx) = entry.conns.remove(&id) {
+                        told.push(tx);
+                    }
+                }
+                !entry.conns.is_empty()
+            });
+        }
+        let n = told.len();
+        for tx in told {
+            let _ = tx.send(cmd);
+        }
+        n
     }
 
     /// Closes every local socket of a session with `1008` and the reason;
     /// returns how many were told.
     pub fn close_session(&self, session_id: &str, reason: EndReason) -> usize {
-        let removed = {
-            let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            map.remove(session_id)
-        };
+        let removed = self.sessions().map.remove(session_id);
         let Some(entry) = removed else { return 0 };
         let cmd = CloseCmd {
             code: 1008,
@@ -127,8 +175,7 @@ impl Registry {
     }
 
     pub fn set_expiry(&self, session_id: &str, expires_at: i64) {
-        let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = map.get_mut(session_id) {
+        if let Some(e) = self.sessions().map.get_mut(session_id) {
             e.expires_at = expires_at;
         }
     }
@@ -136,8 +183,10 @@ impl Registry {
     /// Sessions with sockets here; `due_by` keeps only those whose known
     /// expiry is at or before it (Unix seconds).
     pub fn snapshot(&self, due_by: Option<i64>) -> Vec<SessionSnapshot> {
-        let map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
+        let sessions = self.sessions();
+        sessions
+            .map
+            .iter()
             .filter(|(_, e)| due_by.is_none_or(|t| e.expires_at <= t))
             .map(|(sid, e)| SessionSnapshot {
                 session_id: sid.clone(),
@@ -153,10 +202,7 @@ impl Registry {
     }
 
     pub fn session_count(&self) -> usize {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.sessions().map.len()
     }
 }
 
@@ -187,5 +233,22 @@ mod tests {
         assert_eq!(r.close_session("s1", EndReason::Revoked), 0);
         assert_eq!(r.snapshot(None).len(), 1);
         assert_eq!(r.snapshot(Some(99)).len(), 0);
+    }
+
+    #[test]
+    fn close_all_tells_sockets_now_and_later_but_not_hubs() {
+        let r = Registry::new(10);
+        let mut a = r.register("s1", "c1", 100);
+        let mut hub = r.register_unleased("s1", "hub:x:1", 100);
+        let bye = crate::proxy::relay::GOING_AWAY;
+        assert_eq!(r.close_all(bye), 1);
+        assert_eq!(a.try_recv().unwrap(), bye);
+        assert!(
+            hub.try_recv().is_err(),
+            "hubs end through their own shutdown watch"
+        );
+        let mut late = r.register("s2", "c2", 100);
+        assert_eq!(late.try_recv().unwrap(), bye);
+        assert_eq!(r.session_count(), 1, "only the hub is still registered");
     }
 }

@@ -1,38 +1,48 @@
 //! Dialling a runtime: TCP connect and the WebSocket client handshake.
 //!
-//! HTTP is parsed by hyper's client (we never parse HTTP ourselves); after
-//! the `101` we take the raw `TcpStream` back from hyper, with any bytes the
-//! runtime pipelined behind its response, so the relay can use readiness I/O
-//! and hold no buffers while idle.
+//! The response head is parsed by `httparse` (the parser hyper itself uses;
+//! we never parse HTTP ourselves). A handshake is one request written and one
+//! response read on a socket that is handed to the relay right after, so a
+//! general HTTP client (hyper's: a spawned connection task, request and
+//! response channels, header maps) cost more than the handshake itself:
+//! BENCHMARKS.md has the per-upgrade figures. Bytes the runtime pipelined
+//! behind its `101` are handed on with the socket.
 
 use bytes::Bytes;
 use http::header::{
-    CONNECTION, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL,
-    SEC_WEBSOCKET_VERSION, UPGRADE,
+    SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL, UPGRADE,
 };
-use http::{HeaderMap, HeaderValue, Request, StatusCode};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use url::Url;
+
+/// Largest response head accepted from a runtime (as for client requests).
+pub const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+/// Most response header lines accepted from a runtime.
+const MAX_RESPONSE_HEADERS: usize = 64;
+/// First read buffer: a `101` is usually under 200 bytes.
+const FIRST_READ: usize = 1024;
 
 /// Why a dial failed; every variant means "try the next upstream".
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     #[error("connect: {0}")]
     Connect(std::io::Error),
-    #[error("handshake: {0}")]
-    Http(#[from] hyper::Error),
+    #[error("handshake i/o: {0}")]
+    Io(std::io::Error),
+    #[error("runtime closed the connection during the handshake")]
+    Closed,
+    #[error("runtime's response head is not valid HTTP: {0}")]
+    Parse(httparse::Error),
+    #[error("runtime's response head exceeds {MAX_RESPONSE_HEAD} bytes")]
+    HeadTooLarge,
     #[error("runtime refused the upgrade with {0}")]
     Refused(StatusCode),
     #[error("runtime's handshake is not valid: {0}")]
     BadHandshake(&'static str),
-    #[error("request: {0}")]
-    Request(#[from] http::Error),
-    #[error("runtime connection is not plain TCP")]
-    NotTcp,
 }
 
 /// A completed upstream handshake.
@@ -59,72 +69,233 @@ pub async fn dial(req: UpstreamRequest<'_>) -> Result<Dialled, DialError> {
     let port = req.url.port_or_known_default().unwrap_or(80);
     // An IP literal resolves without touching DNS; names go through
     // tokio's resolver (off the async workers).
-    let stream = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
+    let mut stream = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
         .await
         .map_err(DialError::Connect)?;
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-        .await?;
-    let conn = tokio::spawn(conn.with_upgrades());
-
     let key = generate_key();
-    let path = match req.url.query() {
-        Some(q) => format!("{}?{q}", req.url.path()),
-        None => req.url.path().to_string(),
-    };
-    let mut builder = Request::get(path)
-        .header(HOST, req.url.authority())
-        .header(CONNECTION, "Upgrade")
-        .header(UPGRADE, "websocket")
-        .header(SEC_WEBSOCKET_VERSION, "13")
-        .header(SEC_WEBSOCKET_KEY, &key);
+    let head = request_head(&req, &key);
+    stream.write_all(&head).await.map_err(DialError::Io)?;
+    drop(head);
+
+    let mut buf = vec![0u8; FIRST_READ];
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            if buf.len() >= MAX_RESPONSE_HEAD {
+                return Err(DialError::HeadTooLarge);
+            }
+            buf.resize((buf.len() * 4).min(MAX_RESPONSE_HEAD), 0);
+        }
+        let n = stream
+            .read(&mut buf[filled..])
+            .await
+            .map_err(DialError::Io)?;
+        if n == 0 {
+            return Err(DialError::Closed);
+        }
+        filled += n;
+        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(&buf[..filled]) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let protocol = check_response(&resp, &key, req.protocols.as_deref())?;
+                return Ok(Dialled {
+                    stream,
+                    early: Bytes::copy_from_slice(&buf[head_len..filled]),
+                    protocol,
+                });
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => return Err(DialError::Parse(e)),
+        }
+    }
+}
+
+/// The handshake request. Every piece is already valid on the wire: the
+/// path and authority come from a parsed `Url` (percent-encoded), header
+/// values are `HeaderValue`s (no CR/LF), the key is base64.
+fn request_head(req: &UpstreamRequest<'_>, key: &str) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"GET ");
+    head.extend_from_slice(req.url.path().as_bytes());
+    if let Some(q) = req.url.query() {
+        head.push(b'?');
+        head.extend_from_slice(q.as_bytes());
+    }
+    head.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    head.extend_from_slice(req.url.authority().as_bytes());
+    head.extend_from_slice(
+        b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: ",
+    );
+    head.extend_from_slice(key.as_bytes());
+    head.extend_from_slice(b"\r\n");
     if let Some(p) = &req.protocols {
-        builder = builder.header(SEC_WEBSOCKET_PROTOCOL, p);
+        head.extend_from_slice(b"Sec-WebSocket-Protocol: ");
+        head.extend_from_slice(p.as_bytes());
+        head.extend_from_slice(b"\r\n");
     }
-    let mut request = builder.body(Empty::new())?;
     for (name, value) in req.headers.iter() {
-        request.headers_mut().append(name, value.clone());
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
     }
-    let mut resp = sender.send_request(request).await?;
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        conn.abort();
-        return Err(DialError::Refused(resp.status()));
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+fn header<'a>(resp: &'a httparse::Response<'_, '_>, name: &http::HeaderName) -> Option<&'a [u8]> {
+    resp.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name.as_str()))
+        .map(|h| h.value)
+}
+
+/// Accepts only a `101` that completes *our* handshake: the right accept
+/// key, an offered subprotocol if any, and no extension (we offered none; one
+/// turned on would change the framing the relay tracks).
+fn check_response(
+    resp: &httparse::Response<'_, '_>,
+    key: &str,
+    offered: Option<&str>,
+) -> Result<Option<HeaderValue>, DialError> {
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(DialError::BadHandshake("no status code"))?;
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(DialError::Refused(status));
     }
-    let h = resp.headers();
-    let upgrade_ok = h
-        .get(UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    if !upgrade_ok {
+    if !header(resp, &UPGRADE).is_some_and(|v| v.eq_ignore_ascii_case(b"websocket")) {
         return Err(DialError::BadHandshake("Upgrade is not websocket"));
     }
-    if h.get(SEC_WEBSOCKET_ACCEPT).map(|v| v.as_bytes())
-        != Some(derive_accept_key(key.as_bytes()).as_bytes())
-    {
+    if header(resp, &SEC_WEBSOCKET_ACCEPT) != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
         return Err(DialError::BadHandshake(
             "Sec-WebSocket-Accept does not match",
         ));
     }
-    let protocol = h.get(SEC_WEBSOCKET_PROTOCOL).cloned();
-    if let Some(chosen) = &protocol {
-        let offered = req.protocols.as_deref().unwrap_or("");
-        let chosen = chosen.to_str().unwrap_or("");
-        if !offered.split(',').map(str::trim).any(|p| p == chosen) {
-            return Err(DialError::BadHandshake("subprotocol was not offered"));
-        }
-    }
-    if h.contains_key(http::header::SEC_WEBSOCKET_EXTENSIONS) {
-        // We offered none; a runtime that turns one on would change framing.
+    if header(resp, &SEC_WEBSOCKET_EXTENSIONS).is_some() {
         return Err(DialError::BadHandshake("extension was not offered"));
     }
-    let upgraded = hyper::upgrade::on(&mut resp).await?;
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| DialError::NotTcp)?;
-    Ok(Dialled {
-        stream: parts.io.into_inner(),
-        early: parts.read_buf,
-        protocol,
-    })
+    let Some(chosen) = header(resp, &SEC_WEBSOCKET_PROTOCOL) else {
+        return Ok(None);
+    };
+    let chosen_str = std::str::from_utf8(chosen)
+        .map_err(|_| DialError::BadHandshake("subprotocol is not text"))?
+        .trim();
+    if !offered
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .any(|p| !p.is_empty() && p == chosen_str)
+    {
+        return Err(DialError::BadHandshake("subprotocol was not offered"));
+    }
+    HeaderValue::from_str(chosen_str)
+        .map(Some)
+        .map_err(|_| DialError::BadHandshake("subprotocol is not a header value"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_and_check(
+        raw: &[u8],
+        key: &str,
+        offered: Option<&str>,
+    ) -> Result<Option<HeaderValue>, DialError> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        assert!(resp.parse(raw).expect("parses").is_complete());
+        check_response(&resp, key, offered)
+    }
+
+    fn ok_101(key: &str, extra: &str) -> Vec<u8> {
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n{extra}\r\n",
+            derive_accept_key(key.as_bytes())
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn accepts_only_our_handshake() {
+        let key = generate_key();
+        assert!(matches!(
+            parse_and_check(&ok_101(&key, ""), &key, None),
+            Ok(None)
+        ));
+        let other = generate_key();
+        assert!(matches!(
+            parse_and_check(&ok_101(&other, ""), &key, None),
+            Err(DialError::BadHandshake(
+                "Sec-WebSocket-Accept does not match"
+            ))
+        ));
+        assert!(matches!(
+            parse_and_check(
+                &ok_101(&key, "Sec-WebSocket-Extensions: permessage-deflate\r\n"),
+                &key,
+                None
+            ),
+            Err(DialError::BadHandshake("extension was not offered"))
+        ));
+        assert!(matches!(
+            parse_and_check(
+                b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+                &key,
+                None
+            ),
+            Err(DialError::Refused(StatusCode::FORBIDDEN))
+        ));
+    }
+
+    #[test]
+    fn subprotocol_must_have_been_offered() {
+        let key = generate_key();
+        let chat = ok_101(&key, "Sec-WebSocket-Protocol: chat\r\n");
+        let got = parse_and_check(&chat, &key, Some("v2, chat")).expect("offered");
+        assert_eq!(got, Some(HeaderValue::from_static("chat")));
+        assert!(matches!(
+            parse_and_check(&chat, &key, Some("v2")),
+            Err(DialError::BadHandshake("subprotocol was not offered"))
+        ));
+        assert!(matches!(
+            parse_and_check(&chat, &key, None),
+            Err(DialError::BadHandshake("subprotocol was not offered"))
+        ));
+    }
+
+    #[test]
+    fn request_head_is_one_well_formed_request() {
+        let url = Url::parse("ws://127.0.0.1:9000/ws/a%20b?x=1").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-portcullis-user", HeaderValue::from_static("alice"));
+        let req = UpstreamRequest {
+            url: &url,
+            headers,
+            protocols: Some("chat".into()),
+        };
+        let head = request_head(&req, "dGhlIHNhbXBsZSBub25jZQ==");
+        let mut parsed = [httparse::EMPTY_HEADER; 16];
+        let mut r = httparse::Request::new(&mut parsed);
+        assert_eq!(
+            r.parse(&head).unwrap(),
+            httparse::Status::Complete(head.len())
+        );
+        assert_eq!(r.method, Some("GET"));
+        assert_eq!(r.path, Some("/ws/a%20b?x=1"));
+        let get = |n: &str| {
+            r.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(n))
+                .map(|h| h.value)
+        };
+        assert_eq!(get("host"), Some(&b"127.0.0.1:9000"[..]));
+        assert_eq!(get("sec-websocket-protocol"), Some(&b"chat"[..]));
+        assert_eq!(get("x-portcullis-user"), Some(&b"alice"[..]));
+        assert_eq!(get("upgrade"), Some(&b"websocket"[..]));
+    }
 }

@@ -10,17 +10,19 @@
 //! slows its writer end to end.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, Read};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::frames::{self, Event, FrameTracker, MAX_HEADER};
-use crate::shutdown::Shutdown;
 
 /// A close the gateway itself decided on (revocation, shutdown, limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +255,8 @@ struct Relay {
     owe_client: Option<CloseCmd>,
     /// The peers started a close handshake; it must finish by then.
     peer_close_deadline: Option<Instant>,
+    /// The gateway's close decision, until it arrives or closing begins.
+    close_rx: Option<oneshot::Receiver<CloseCmd>>,
 }
 
 impl Relay {
@@ -398,13 +402,9 @@ fn ping_one(
 }
 
 /// Relays until the connection ends. `close_rx` delivers a gateway decision
-/// (revocation); `shutdown` the process-wide going-away.
-pub async fn relay(
-    pair: Pair,
-    cfg: RelayConfig,
-    mut close_rx: oneshot::Receiver<CloseCmd>,
-    shutdown: Shutdown,
-) -> Ended {
+/// (revocation, expiry, and at shutdown `1001` through
+/// [`crate::gate::registry::Registry::close_all`]).
+pub async fn relay(pair: Pair, cfg: RelayConfig, close_rx: oneshot::Receiver<CloseCmd>) -> Ended {
     let Pair {
         client,
         client_early,
@@ -427,6 +427,7 @@ pub async fn relay(
         closing: None,
         owe_client: None,
         peer_close_deadline: None,
+        close_rx: Some(close_rx),
     };
     // Bytes either peer pipelined behind its handshake.
     if !client_early.is_empty() {
@@ -449,128 +450,166 @@ pub async fn relay(
             _ => {}
         }
     }
-    // The early bytes are slices of hyper's read buffers: keeping them would
-    // keep those whole allocations alive for the life of the connection.
+    // The early bytes may be slices of larger read buffers: keeping them
+    // would keep those whole allocations alive for the life of the connection.
     drop(client_early);
     drop(upstream_early);
-    let mut close_rx_open = true;
     // One timer for the connection's life: re-arming a fresh one per step
     // would touch the timer wheel for every message. It is only moved
-    // earlier here; a deadline that moved later is picked up when the
-    // earlier one fires (every check below compares against `now`).
+    // earlier in `poll_run`; a deadline that moved later is picked up when
+    // the earlier one fires (every check compares against `now`).
     let timer = sleep_until(r.next_deadline(Instant::now()));
     tokio::pin!(timer);
-
-    let ended = loop {
-        let closing = r.closing();
-        let read_client = r.c2u.pending.is_empty() && !r.c2u.src_eof;
-        // Once closing, the runtime is read only to finish a frame in flight
-        // to the client, after which the owed close frame goes out.
-        let upstream_pass = match (closing, r.owe_client.is_some()) {
-            (false, _) => Pass::All,
-            (true, true) => Pass::FinishFrame,
-            (true, false) => Pass::Nothing,
-        };
-        let read_upstream =
-            r.u2c.pending.is_empty() && !r.u2c.src_eof && upstream_pass != Pass::Nothing;
-        let deadline = r.next_deadline(Instant::now());
-        if deadline < timer.deadline() {
-            timer.as_mut().reset(deadline);
-        }
-        tokio::select! {
-            biased;
-            cmd = &mut close_rx, if close_rx_open && !closing => {
-                close_rx_open = false;
-                if let Ok(cmd) = cmd {
-                    r.begin_close(cmd);
-                }
-            }
-            _ = shutdown.begun(), if !closing => r.begin_close(GOING_AWAY),
-            res = r.upstream.writable(), if !r.c2u.pending.is_empty() => {
-                if res.and_then(|()| r.c2u.flush(&r.upstream)).is_err() {
-                    if closing { break r.closing.map_or(Ended::Dropped, |c| c.1); }
-                    r.begin_close(UPSTREAM_GONE);
-                }
-            }
-            res = r.client.writable(), if !r.u2c.pending.is_empty() => {
-                if res.and_then(|()| r.u2c.flush(&r.client)).is_err() {
-                    r.client_gone();
-                    break r.closing.map_or(Ended::Dropped, |c| c.1);
-                }
-                r.settle_owed_close();
-            }
-            res = r.client.readable(), if read_client => {
-                let pass = if closing { Pass::Nothing } else { Pass::All };
-                let step = match res {
-                    Ok(()) => r.c2u.pump(&r.client, &r.upstream, &cfg, pass),
-                    Err(_) => Step::Eof,
-                };
-                match step {
-                    Step::Nothing => {
-                        if closing && r.c2u.saw_close && r.u2c.pending.is_empty() && r.owe_client.is_none() {
-                            break r.closing.map_or(Ended::Peers, |c| c.1);
-                        }
-                        if r.c2u.saw_close && r.peer_close_deadline.is_none() {
-                            r.peer_close_deadline = Some(Instant::now() + PEER_CLOSE_WAIT);
-                        }
-                    }
-                    Step::Eof => {
-                        r.c2u.src_eof = true;
-                        if let Some((_, ended)) = r.closing { break ended; }
-                        r.client_gone();
-                    }
-                    Step::Event(ev) => r.on_event(ev),
-                    Step::DstGone => r.begin_close(UPSTREAM_GONE),
-                }
-            }
-            res = r.upstream.readable(), if read_upstream => {
-                let step = match res {
-                    Ok(()) => r.u2c.pump(&r.upstream, &r.client, &cfg, upstream_pass),
-                    Err(_) => Step::Eof,
-                };
-                match step {
-                    Step::Nothing => {
-                        r.settle_owed_close();
-                        if r.u2c.saw_close && r.peer_close_deadline.is_none() {
-                            r.peer_close_deadline = Some(Instant::now() + PEER_CLOSE_WAIT);
-                        }
-                    }
-                    Step::Eof if closing => r.u2c.src_eof = true,
-                    Step::Eof => {
-                        r.u2c.src_eof = true;
-                        if r.u2c.saw_close {
-                            // Normal end: the runtime closed after its close frame.
-                            r.closing = Some((Instant::now() + CLOSE_WAIT, Ended::Peers));
-                            if r.u2c.pending.is_empty() { break Ended::Peers; }
-                        } else {
-                            r.begin_close(UPSTREAM_GONE);
-                        }
-                    }
-                    Step::Event(ev) => r.on_event(ev),
-                    Step::DstGone => {
-                        r.client_gone();
-                        break r.closing.map_or(Ended::Dropped, |c| c.1);
-                    }
-                }
-            }
-            () = &mut timer => {
-                let now = Instant::now();
-                if let Some((at, ended)) = r.closing && now >= at {
-                    break ended;
-                }
-                if r.peer_close_deadline.is_some_and(|d| now >= d) {
-                    break Ended::Peers;
-                }
-                if let Some(gone) = r.keepalive(now) {
-                    if closing { break Ended::Dropped; }
-                    r.begin_close(gone);
-                }
-                timer.as_mut().reset(r.next_deadline(now));
-            }
-        }
-    };
+    let ended = std::future::poll_fn(|cx| r.poll_run(cx, timer.as_mut())).await;
     finish(r).await;
     ended
+}
+
+impl Relay {
+    /// The event loop, written against the sockets' `poll_*_ready` rather
+    /// than `select!` over `readable()`/`writable()` futures: those futures
+    /// live in the task while it is idle (hundreds of bytes per connection)
+    /// and each one made per step takes and releases a waiter-list lock;
+    /// `poll_*_ready` keeps one waker slot per direction in the socket's
+    /// registration. Branches are taken one at a time in priority order,
+    /// then every condition is re-evaluated, as a biased `select!` would.
+    fn poll_run(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<Ended> {
+        loop {
+            let closing = self.closing();
+            let read_client = self.c2u.pending.is_empty() && !self.c2u.src_eof;
+            // Once closing, the runtime is read only to finish a frame in
+            // flight to the client, after which the owed close frame goes out.
+            let upstream_pass = match (closing, self.owe_client.is_some()) {
+                (false, _) => Pass::All,
+                (true, true) => Pass::FinishFrame,
+                (true, false) => Pass::Nothing,
+            };
+            let read_upstream =
+                self.u2c.pending.is_empty() && !self.u2c.src_eof && upstream_pass != Pass::Nothing;
+            let deadline = self.next_deadline(Instant::now());
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
+
+            if !closing
+                && let Some(rx) = self.close_rx.as_mut()
+                && let Poll::Ready(res) = Pin::new(rx).poll(cx)
+            {
+                self.close_rx = None;
+                if let Ok(cmd) = res {
+                    self.begin_close(cmd);
+                }
+                continue;
+            }
+            if !self.c2u.pending.is_empty()
+                && let Poll::Ready(res) = self.upstream.poll_write_ready(cx)
+            {
+                if res.and_then(|()| self.c2u.flush(&self.upstream)).is_err() {
+                    if closing {
+                        return Poll::Ready(self.closing.map_or(Ended::Dropped, |c| c.1));
+                    }
+                    self.begin_close(UPSTREAM_GONE);
+                }
+                continue;
+            }
+            if !self.u2c.pending.is_empty()
+                && let Poll::Ready(res) = self.client.poll_write_ready(cx)
+            {
+                if res.and_then(|()| self.u2c.flush(&self.client)).is_err() {
+                    self.client_gone();
+                    return Poll::Ready(self.closing.map_or(Ended::Dropped, |c| c.1));
+                }
+                self.settle_owed_close();
+                continue;
+            }
+            if read_client && let Poll::Ready(res) = self.client.poll_read_ready(cx) {
+                let pass = if closing { Pass::Nothing } else { Pass::All };
+                let step = match res {
+                    Ok(()) => self.c2u.pump(&self.client, &self.upstream, &self.cfg, pass),
+                    Err(_) => Step::Eof,
+                };
+                match step {
+                    Step::Nothing => {
+                        if closing
+                            && self.c2u.saw_close
+                            && self.u2c.pending.is_empty()
+                            && self.owe_client.is_none()
+                        {
+                            return Poll::Ready(self.closing.map_or(Ended::Peers, |c| c.1));
+                        }
+                        if self.c2u.saw_close && self.peer_close_deadline.is_none() {
+                            self.peer_close_deadline = Some(Instant::now() + PEER_CLOSE_WAIT);
+                        }
+                    }
+                    Step::Eof => {
+                        self.c2u.src_eof = true;
+                        if let Some((_, ended)) = self.closing {
+                            return Poll::Ready(ended);
+                        }
+                        self.client_gone();
+                    }
+                    Step::Event(ev) => self.on_event(ev),
+                    Step::DstGone => self.begin_close(UPSTREAM_GONE),
+                }
+                continue;
+            }
+            if read_upstream && let Poll::Ready(res) = self.upstream.poll_read_ready(cx) {
+                let step = match res {
+                    Ok(()) => self
+                        .u2c
+                        .pump(&self.upstream, &self.client, &self.cfg, upstream_pass),
+                    Err(_) => Step::Eof,
+                };
+                match step {
+                    Step::Nothing => {
+                        self.settle_owed_close();
+                        if self.u2c.saw_close && self.peer_close_deadline.is_none() {
+                            self.peer_close_deadline = Some(Instant::now() + PEER_CLOSE_WAIT);
+                        }
+                    }
+                    Step::Eof if closing => self.u2c.src_eof = true,
+                    Step::Eof => {
+                        self.u2c.src_eof = true;
+                        if self.u2c.saw_close {
+                            // Normal end: the runtime closed after its close frame.
+                            self.closing = Some((Instant::now() + CLOSE_WAIT, Ended::Peers));
+                            if self.u2c.pending.is_empty() {
+                                return Poll::Ready(Ended::Peers);
+                            }
+                        } else {
+                            self.begin_close(UPSTREAM_GONE);
+                        }
+                    }
+                    Step::Event(ev) => self.on_event(ev),
+                    Step::DstGone => {
+                        self.client_gone();
+                        return Poll::Ready(self.closing.map_or(Ended::Dropped, |c| c.1));
+                    }
+                }
+                continue;
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                if let Some((at, ended)) = self.closing
+                    && now >= at
+                {
+                    return Poll::Ready(ended);
+                }
+                if self.peer_close_deadline.is_some_and(|d| now >= d) {
+                    return Poll::Ready(Ended::Peers);
+                }
+                if let Some(gone) = self.keepalive(now) {
+                    if closing {
+                        return Poll::Ready(Ended::Dropped);
+                    }
+                    self.begin_close(gone);
+                }
+                timer.as_mut().reset(self.next_deadline(now));
+                continue;
+            }
+            return Poll::Pending;
+        }
+    }
 }
 
 /// Flushes what we still owe each peer (bounded) and closes both sockets.
