@@ -30,6 +30,9 @@ use crate::config::Mode;
 use crate::error::{ApiError, Body};
 use crate::http::credentials;
 use crate::ids::connection_id;
+use futures_util::FutureExt;
+use futures_util::future::Either;
+
 use crate::proxy::dial::{Dialled, UpstreamRequest, dial};
 use crate::proxy::relay::{self, Ended, Pair, RelayConfig};
 use crate::routing::Route;
@@ -162,33 +165,66 @@ async fn gate(
         ping_interval: Duration::from_millis(server.ping_interval_ms),
         pong_timeout: Duration::from_millis(server.pong_timeout_ms),
     };
-    let task_app = app.clone();
-    let task_route = route.clone();
-    app.shutdown.spawn(async move {
-        let app = task_app;
-        // Hold the slot and the least-connections count while the socket lives.
-        let _active = task_route.pool.activate(index);
-        app.metrics.open_sockets.inc();
-        let ended = match on_upgrade.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
+    // Until hyper hands the client socket over, the task holds what the relay
+    // will need; after, only the relay. `then` keeps the two stages in one
+    // place of the task's memory instead of side by side: an idle socket
+    // costs the larger of the two (BENCHMARKS.md, RSS per connection).
+    let Dialled {
+        stream: upstream,
+        early: upstream_early,
+        ..
+    } = dialled;
+    let socket = on_upgrade.then(move |upgraded| {
+        match upgraded.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
             Ok(Ok(parts)) => {
                 let pair = Pair {
                     client: parts.io.into_inner(),
                     client_early: parts.read_buf,
-                    upstream: dialled.stream,
-                    upstream_early: dialled.early,
+                    upstream,
+                    upstream_early,
                 };
-                relay::relay(pair, cfg, close_rx).await
+                Either::Left(relay::relay(pair, cfg, close_rx))
             }
-            _ => Ended::Dropped,
-        };
-        if let Ended::Gateway(code) = ended {
-            app.metrics.closes.get_or_create(&CloseLabel { code }).inc();
+            _ => Either::Right(std::future::ready(Ended::Dropped)),
         }
-        app.metrics.open_sockets.dec();
+    });
+    // Hold the slot and the least-connections count while the socket lives.
+    let active = Active::new(route.clone(), index);
+    app.metrics.open_sockets.inc();
+    let task_app = app.clone();
+    // A combinator, not an `async` block: a block awaiting `socket` would
+    // store it twice (the captured value and the awaited one).
+    app.shutdown.spawn(socket.map(move |ended| {
+        if let Ended::Gateway(code) = ended {
+            task_app
+                .metrics
+                .closes
+                .get_or_create(&CloseLabel { code })
+                .inc();
+        }
+        task_app.metrics.open_sockets.dec();
+        drop(active);
         drop(slot);
         drop(lease);
-    });
+    }));
     Ok(upgrade::switching_protocols(accept, protocol))
+}
+
+/// A socket counted on its upstream (least-connections balancing) while it
+/// lives.
+struct Active(Arc<Route>, usize);
+
+impl Active {
+    fn new(route: Arc<Route>, index: usize) -> Self {
+        route.pool.enter(index);
+        Active(route, index)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.pool.leave(self.1);
+    }
 }
 
 /// A socket's store lease and registry entry, released when dropped.

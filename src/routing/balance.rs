@@ -116,9 +116,18 @@ impl UpstreamPool {
     }
 
     pub fn activate(&self, i: usize) -> ActiveGuard<'_> {
-        let u = &self.upstreams[i];
-        u.active.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(u)
+        self.enter(i);
+        ActiveGuard(&self.upstreams[i])
+    }
+
+    /// Counts one more socket on upstream `i`, until a matching `leave`;
+    /// for owners that cannot hold an [`ActiveGuard`]'s borrow.
+    pub fn enter(&self, i: usize) {
+        self.upstreams[i].active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn leave(&self, i: usize) {
+        self.upstreams[i].active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
