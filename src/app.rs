@@ -31,6 +31,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Sockets open on this instance, by session.
     pub registry: Registry,
+    /// Store leases of closed sockets, waiting to be released in a batch.
+    pub releases: crate::gate::release::Releases,
     /// Shared-session hubs by (session, route).
     pub hubs: Hubs,
     /// Every socket task is tracked here so shutdown can close and drain it.
@@ -72,6 +74,7 @@ impl App {
             metrics: Metrics::new(),
             registry: Registry::new(config.server.max_connections),
             hubs: Hubs::default(),
+            releases: Default::default(),
             shutdown: Shutdown::new(),
             demo_page: None,
             routes,

@@ -223,6 +223,37 @@ mod cases {
         assert_eq!(record.connections, 0);
     }
 
+    pub async fn detach_many_releases_exactly_those_leases<S: SessionStore>(store: &S) {
+        let a = store.create("alice", MINUTE).await.expect("create");
+        let b = store.create("bob", MINUTE).await.expect("create");
+        for conn in ["a1", "a2", "a3"] {
+            attached(store, lease(&a.id, conn)).await;
+        }
+        attached(store, lease(&b.id, "b1")).await;
+        let unknown = portcullis::ids::random_id();
+        let batch = [
+            (a.id.clone(), "a1".to_string()),
+            (a.id.clone(), "a3".to_string()),
+            (b.id.clone(), "b1".to_string()),
+            // Already released, or never held: harmless.
+            (a.id.clone(), "a1".to_string()),
+            (unknown.clone(), "x".to_string()),
+        ];
+        store.detach_many(&batch).await.expect("detach_many");
+        assert_eq!(get(store, &a.id).await.connections, 1);
+        let b_now = get(store, &b.id).await;
+        assert_eq!(b_now.connections, 0);
+        assert_eq!(b_now.state, SessionState::Detached);
+        assert!(
+            store.get(&unknown).await.expect("get").is_none(),
+            "nothing was created"
+        );
+        store
+            .detach_many(&[])
+            .await
+            .expect("an empty batch is a no-op");
+    }
+
     pub async fn unrenewed_lease_expires<S: SessionStore>(store: &S) {
         let created = store.create("alice", MINUTE).await.expect("create");
         let short = |conn| LeaseRequest {
@@ -418,6 +449,7 @@ conformance!(
     attach_makes_session_active,
     attach_beyond_limit_is_full,
     detach_leaves_session_detached,
+    detach_many_releases_exactly_those_leases,
     unrenewed_lease_expires,
     renewed_lease_stays_alive,
     mark_idle_returns_to_created,

@@ -13,6 +13,7 @@
 
 pub mod maintenance;
 pub mod registry;
+pub mod release;
 mod shared;
 mod upgrade;
 
@@ -237,18 +238,11 @@ pub(crate) struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.app.registry.unregister(&self.sid, &self.conn_id);
-        // Outside a runtime (process teardown) the lease simply lapses.
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let app = self.app.clone();
-        let (sid, conn_id) = (
+        release::Releases::push(
+            &self.app,
             std::mem::take(&mut self.sid),
             std::mem::take(&mut self.conn_id),
         );
-        rt.spawn(async move {
-            let _ = tokio::time::timeout(DETACH_TIMEOUT, app.store.detach(&sid, &conn_id)).await;
-        });
     }
 }
 

@@ -208,6 +208,13 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
+    async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
+        for (session_id, conn_id) in leases {
+            self.detach(session_id, conn_id).await?;
+        }
+        Ok(())
+    }
+
     async fn mark_idle(&self, session_id: &str) -> Result<(), StoreError> {
         self.with_live(session_id, |e, now| {
             if !e.leases.values().any(|&exp| exp > now) {

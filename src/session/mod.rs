@@ -166,6 +166,14 @@ pub trait SessionStore: Send + Sync + 'static {
         conn_id: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Releases many socket leases, `(session id, conn id)` pairs, in one
+    /// round trip: sockets closing together (a burst of reconnects, a
+    /// revocation) cost the store one request, not one each.
+    fn detach_many(
+        &self,
+        leases: &[(String, String)],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Marks a session as having no sockets and no kept upstream
     /// (`CREATED`), used when a shared route's grace period ends.
     fn mark_idle(&self, session_id: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -230,6 +238,9 @@ impl SessionStore for Store {
     }
     async fn detach(&self, session_id: &str, conn_id: &str) -> Result<(), StoreError> {
         dispatch!(self, s => s.detach(session_id, conn_id).await)
+    }
+    async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
+        dispatch!(self, s => s.detach_many(leases).await)
     }
     async fn mark_idle(&self, session_id: &str) -> Result<(), StoreError> {
         dispatch!(self, s => s.mark_idle(session_id).await)

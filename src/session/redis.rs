@@ -557,6 +557,26 @@ impl SessionStore for RedisStore {
         .map(drop)
     }
 
+    /// One pipeline of `ZREM`s (the leases may live in different Cluster
+    /// slots, so not one script); each is safe to repeat on a retry.
+    async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (session_id, conn_id) in leases {
+            pipe.cmd("ZREM")
+                .arg(self.inner.keys.conns(session_id))
+                .arg(conn_id)
+                .ignore();
+        }
+        let pipe = &pipe;
+        self.run("detach", |mut conn| async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
+
     async fn mark_idle(&self, session_id: &str) -> Result<(), StoreError> {
         let inv = self.invocation(&MARK_IDLE, session_id);
         self.eval::<i64>("mark_idle", &inv).await.map(drop)
