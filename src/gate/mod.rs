@@ -261,7 +261,7 @@ pub(crate) async fn dial_route(
         let url = route.upstream_url(&route.pool.get(i).url, rest, query);
         let req = UpstreamRequest {
             url: &url,
-            headers: headers.clone(),
+            headers: &headers,
             protocols: offered.others.clone(),
         };
         match tokio::time::timeout_at(deadline, dial(req)).await {

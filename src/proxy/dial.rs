@@ -59,7 +59,7 @@ pub struct UpstreamRequest<'a> {
     pub url: &'a Url,
     /// Client headers to pass on (already stripped of credentials,
     /// `X-Portcullis-*` and hop-by-hop headers).
-    pub headers: HeaderMap,
+    pub headers: &'a HeaderMap,
     /// Subprotocols the client offered, minus the `bearer` pair.
     pub protocols: Option<String>,
 }
@@ -275,7 +275,7 @@ mod tests {
         headers.insert("x-portcullis-user", HeaderValue::from_static("alice"));
         let req = UpstreamRequest {
             url: &url,
-            headers,
+            headers: &headers,
             protocols: Some("chat".into()),
         };
         let head = request_head(&req, "dGhlIHNhbXBsZSBub25jZQ==");
