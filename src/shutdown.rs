@@ -31,6 +31,11 @@ impl Shutdown {
         self.token.is_cancelled()
     }
 
+    /// Begins shutdown for everything watching [`Shutdown::begun`]. Proxied
+    /// sockets do not watch it (it would cost each a waiter on this shared
+    /// token per relay step): they are told by
+    /// `gate::registry::Registry::close_all`, which the server calls right
+    /// after this.
     pub fn trigger(&self) {
         self.token.cancel();
     }

@@ -36,3 +36,44 @@ async fn sigterm_closes_sockets_going_away_and_exits_zero() {
     // And it no longer accepts connections.
     assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
 }
+
+/// Leases of sockets closed by the shutdown reach the store before the
+/// process exits (they are released in batches from the shard runtimes,
+/// which must outlive them); none is left to hold the session's
+/// `max_connections_per_session` for the 30 s lease.
+#[tokio::test]
+async fn sigterm_releases_every_lease_before_exiting() {
+    use redis::AsyncCommands;
+
+    let redis = support::redis::RedisServer::start().await;
+    let up = Upstream::start().await;
+    let route = format!(
+        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nupstreams = [\"{}\"]\n",
+        up.url("/")
+    );
+    let mut gw = Gateway::start(
+        "shutdown_grace_ms = 5000\nmax_connections_per_session = 1000",
+        &config(Some(&redis.url()), &route),
+    );
+    let l = login(gw.addr, "alice").await;
+    let token = l["session_token"].as_str().unwrap().to_string();
+    let sid = l["session_id"].as_str().unwrap().to_string();
+    // Clients that never read: they do not answer the gateway's close, so
+    // every relay ends on its close deadline, all within the same instant.
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        held.push(ws::open(&gw.url("/ws/echo"), &token).await.0);
+    }
+    let mut store = redis.client().await;
+    let key = format!("pt:conns:{{{sid}}}");
+    let leases: u64 = store.zcard(&key).await.unwrap();
+    assert_eq!(leases, 300);
+    gw.signal("TERM");
+    let status = gw
+        .wait_exit(Duration::from_secs(8))
+        .expect("gateway did not exit within the grace");
+    assert!(status.success(), "exit status {status:?}");
+    let leases: u64 = store.zcard(&key).await.unwrap();
+    assert_eq!(leases, 0, "leases left in the store after a graceful exit");
+    drop(held);
+}

@@ -24,19 +24,21 @@ impl Releases {
     /// Queues a lease; outside a runtime (process teardown) it lapses with
     /// its TTL instead.
     pub fn push(app: &Arc<App>, session_id: String, conn_id: String) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        if tokio::runtime::Handle::try_current().is_err() {
             return;
-        };
+        }
         let first = {
             let mut queue = app.releases.lock();
             queue.push((session_id, conn_id));
             queue.len() == 1
         };
         // Whoever makes the queue non-empty starts its drain, so no lease
-        // waits for a drain that already took its batch.
+        // waits for a drain that already took its batch. Tracked: at
+        // shutdown the shard runtime (and the Redis connection the drain
+        // uses) must outlive the batch; the pushing socket task is still
+        // tracked here, so the tracker cannot have emptied yet.
         if first {
-            let app = app.clone();
-            rt.spawn(async move { drain(app).await });
+            app.shutdown.spawn(drain(app.clone()));
         }
     }
 
@@ -45,10 +47,22 @@ impl Releases {
     }
 }
 
+/// Sends batches until the queue is empty. A drain dropped with its runtime
+/// (teardown after the shutdown grace) leaves its leases to lapse with their
+/// TTL, as a crashed instance would.
 async fn drain(app: Arc<App>) {
-    // Sockets closing in the same turn of the event loop join this batch.
-    tokio::task::yield_now().await;
-    let batch = std::mem::take(&mut *app.releases.lock());
+    loop {
+        // Sockets closing in the same turn of the event loop join the batch.
+        tokio::task::yield_now().await;
+        let batch = std::mem::take(&mut *app.releases.lock());
+        if batch.is_empty() {
+            return;
+        }
+        send(&app, &batch).await;
+    }
+}
+
+async fn send(app: &App, batch: &[(String, String)]) {
     for chunk in batch.chunks(MAX_BATCH) {
         let released =
             tokio::time::timeout(super::DETACH_TIMEOUT, app.store.detach_many(chunk)).await;

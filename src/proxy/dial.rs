@@ -21,8 +21,8 @@ use url::Url;
 
 /// Largest response head accepted from a runtime (as for client requests).
 pub const MAX_RESPONSE_HEAD: usize = 16 * 1024;
-/// Most response header lines accepted from a runtime.
-const MAX_RESPONSE_HEADERS: usize = 64;
+/// Most response header lines accepted from a runtime (hyper's default).
+const MAX_RESPONSE_HEADERS: usize = 100;
 /// First read buffer: a `101` is usually under 200 bytes.
 const FIRST_READ: usize = 1024;
 
@@ -80,6 +80,9 @@ pub async fn dial(req: UpstreamRequest<'_>) -> Result<Dialled, DialError> {
 
     let mut buf = vec![0u8; FIRST_READ];
     let mut filled = 0;
+    // Where the current response head starts: interim `1xx` responses
+    // before the `101` (e.g. `103 Early Hints`) are skipped, as hyper does.
+    let mut start = 0;
     loop {
         if filled == buf.len() {
             if buf.len() >= MAX_RESPONSE_HEAD {
@@ -95,19 +98,28 @@ pub async fn dial(req: UpstreamRequest<'_>) -> Result<Dialled, DialError> {
             return Err(DialError::Closed);
         }
         filled += n;
-        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf[..filled]) {
-            Ok(httparse::Status::Complete(head_len)) => {
-                let protocol = check_response(&resp, &key, req.protocols.as_deref())?;
-                return Ok(Dialled {
-                    stream,
-                    early: Bytes::copy_from_slice(&buf[head_len..filled]),
-                    protocol,
-                });
+        while start < filled {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&buf[start..filled]) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    if resp
+                        .code
+                        .is_some_and(|c| (100..200).contains(&c) && c != 101)
+                    {
+                        start += head_len;
+                        continue;
+                    }
+                    let protocol = check_response(&resp, &key, req.protocols.as_deref())?;
+                    return Ok(Dialled {
+                        stream,
+                        early: Bytes::copy_from_slice(&buf[start + head_len..filled]),
+                        protocol,
+                    });
+                }
+                Ok(httparse::Status::Partial) => break,
+                Err(e) => return Err(DialError::Parse(e)),
             }
-            Ok(httparse::Status::Partial) => {}
-            Err(e) => return Err(DialError::Parse(e)),
         }
     }
 }
@@ -250,6 +262,98 @@ mod tests {
             ),
             Err(DialError::Refused(StatusCode::FORBIDDEN))
         ));
+    }
+
+    /// Drives `dial` against a fake runtime that answers with `raw` (split
+    /// in two writes) and returns what `dial` made of it.
+    async fn dial_fake(
+        raw: impl Fn(&str) -> Vec<u8> + Send + 'static,
+    ) -> Result<Dialled, DialError> {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("ws://{}/ws", listener.local_addr().unwrap())).unwrap();
+        let runtime = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut req = vec![0u8; 4096];
+            let mut got = 0;
+            while !req[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                got += s.read(&mut req[got..]).await.unwrap();
+            }
+            let text = String::from_utf8_lossy(&req[..got]).to_string();
+            let key = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap()
+                .trim()
+                .to_string();
+            let answer = raw(&key);
+            let (a, b) = answer.split_at(answer.len() / 2);
+            s.write_all(a).await.unwrap();
+            s.flush().await.unwrap();
+            s.write_all(b).await.unwrap();
+            // Keep the socket open until the dial has finished reading.
+            let _ = s.read(&mut req).await;
+        });
+        let headers = HeaderMap::new();
+        let out = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            dial(UpstreamRequest {
+                url: &url,
+                headers: &headers,
+                protocols: None,
+            }),
+        )
+        .await
+        .expect("dial finishes");
+        runtime.abort();
+        out
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_skipped_and_early_bytes_kept() {
+        let got = dial_fake(|key| {
+            let mut r = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n".to_vec();
+            r.extend(ok_101(key, ""));
+            r.extend_from_slice(b"\x81\x02hi");
+            r
+        })
+        .await
+        .expect("a 103 before the 101 is fine");
+        assert_eq!(&got.early[..], b"\x81\x02hi");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_after_an_interim_response_is_a_refusal() {
+        let got = dial_fake(|_| {
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+                .to_vec()
+        })
+        .await;
+        assert!(
+            matches!(got, Err(DialError::Refused(StatusCode::NOT_FOUND))),
+            "{:?}",
+            got.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_head_is_refused() {
+        let got = dial_fake(|_| {
+            let mut r = b"HTTP/1.1 101 Switching Protocols\r\n".to_vec();
+            while r.len() <= MAX_RESPONSE_HEAD {
+                r.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+            }
+            r
+        })
+        .await;
+        assert!(
+            matches!(
+                got,
+                Err(DialError::HeadTooLarge | DialError::Parse(httparse::Error::TooManyHeaders))
+            ),
+            "{:?}",
+            got.err()
+        );
     }
 
     #[test]
