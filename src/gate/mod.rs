@@ -21,6 +21,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -31,9 +33,6 @@ use crate::config::Mode;
 use crate::error::{ApiError, Body};
 use crate::http::credentials;
 use crate::ids::connection_id;
-use futures_util::FutureExt;
-use futures_util::future::Either;
-
 use crate::proxy::dial::{Dialled, UpstreamRequest, dial};
 use crate::proxy::relay::{self, Ended, Pair, RelayConfig};
 use crate::routing::Route;

@@ -201,16 +201,11 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
-    async fn detach(&self, session_id: &str, conn_id: &str) -> Result<(), StoreError> {
-        self.with_live(session_id, |e, _| {
-            e.leases.remove(conn_id);
-        });
-        Ok(())
-    }
-
     async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
         for (session_id, conn_id) in leases {
-            self.detach(session_id, conn_id).await?;
+            self.with_live(session_id, |e, _| {
+                e.leases.remove(conn_id);
+            });
         }
         Ok(())
     }

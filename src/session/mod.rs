@@ -159,12 +159,15 @@ pub trait SessionStore: Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Releases a socket lease.
+    /// Releases one socket lease (the gateway itself releases in batches).
     fn detach(
         &self,
         session_id: &str,
         conn_id: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let lease = [(session_id.to_string(), conn_id.to_string())];
+        async move { self.detach_many(&lease).await }
+    }
 
     /// Releases many socket leases, `(session id, conn id)` pairs, in one
     /// round trip: sockets closing together (a burst of reconnects, a
@@ -235,9 +238,6 @@ impl SessionStore for Store {
         lease: Duration,
     ) -> Result<(), StoreError> {
         dispatch!(self, s => s.renew(session_id, conn_ids, lease).await)
-    }
-    async fn detach(&self, session_id: &str, conn_id: &str) -> Result<(), StoreError> {
-        dispatch!(self, s => s.detach(session_id, conn_id).await)
     }
     async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
         dispatch!(self, s => s.detach_many(leases).await)

@@ -543,22 +543,10 @@ impl SessionStore for RedisStore {
         self.eval::<i64>("renew", &inv).await.map(drop)
     }
 
-    /// A plain `ZREM`, not a script: removing a member never creates the
-    /// key, so it needs no existence check, it is safe to repeat, and it
-    /// costs Redis a fraction of an `EVALSHA` on every socket close.
-    async fn detach(&self, session_id: &str, conn_id: &str) -> Result<(), StoreError> {
-        let mut zrem = redis::cmd("ZREM");
-        zrem.arg(self.inner.keys.conns(session_id)).arg(conn_id);
-        let zrem = &zrem;
-        self.run("detach", |mut conn| async move {
-            zrem.query_async::<i64>(&mut conn).await
-        })
-        .await
-        .map(drop)
-    }
-
-    /// One pipeline of `ZREM`s (the leases may live in different Cluster
-    /// slots, so not one script); each is safe to repeat on a retry.
+    /// One pipeline of plain `ZREM`s, not a script: removing a member never
+    /// creates the key, so it needs no existence check and is safe to repeat
+    /// on a retry, and it costs Redis a fraction of an `EVALSHA`; a pipeline
+    /// because the leases may live in different Cluster slots.
     async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
         if leases.is_empty() {
             return Ok(());
