@@ -3,8 +3,9 @@
 //!
 //! Design (measured in BENCHMARKS.md): bytes are forwarded as they arrive,
 //! tracked by [`FrameTracker`] instead of decoded into messages, and read
-//! with readiness + `try_read` into a per-thread scratch buffer. An idle
-//! connection therefore owns no buffer at all: memory is only held while a
+//! on readiness, without blocking, into a per-thread scratch buffer. An idle
+//! connection therefore owns no buffer at all (and its task, one poll loop
+//! with one timer, stays under 1 KB): memory is only held while a
 //! write is backpressured (the unsent rest, bounded by one read), and a
 //! direction with unsent bytes stops reading its source, so a slow reader
 //! slows its writer end to end.
