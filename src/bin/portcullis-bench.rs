@@ -851,10 +851,40 @@ fn cpu_ms(pids: &[u32]) -> u64 {
         .sum()
 }
 
-/// CPU of the target's processes over a window.
+/// Busy CPU time (ms) of the whole machine so far, all cores together:
+/// every process's share, the load generator's and the echo's included.
+fn machine_busy_ms() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    // "cpu  user nice system idle iowait irq softirq steal ...", in ticks.
+    let f: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let &[user, nice, system, _idle, _iowait, irq, softirq, steal] = f.as_slice() else {
+        return None;
+    };
+    Some((user + nice + system + irq + softirq + steal) * 10)
+}
+
+/// CPU over a window: the target's processes, and the whole machine. The
+/// machine's figure is the budget the targets compete for: on a saturated
+/// machine a target's rate is the inverse of the machine's CPU per
+/// operation, so it shows how much a proxy must save to move a ratio.
 struct CpuMeter {
     pids: Vec<u32>,
     start_ms: u64,
+    machine_start_ms: Option<u64>,
+}
+
+/// What a `CpuMeter` measured: the target's (ms, percent of one core), if it
+/// had pids, and the whole machine's busy ms.
+struct CpuUse {
+    target: Option<(u64, f64)>,
+    machine_ms: Option<u64>,
 }
 
 impl CpuMeter {
@@ -862,31 +892,45 @@ impl CpuMeter {
         CpuMeter {
             pids: pids.to_vec(),
             start_ms: cpu_ms(pids),
+            machine_start_ms: machine_busy_ms(),
         }
     }
 
-    /// (CPU ms used, percent of one core over `wall`), or None without pids.
-    fn stop(&self, wall: Duration) -> Option<(u64, f64)> {
+    fn stop(&self, wall: Duration) -> CpuUse {
+        let machine_ms = self
+            .machine_start_ms
+            .zip(machine_busy_ms())
+            .map(|(a, b)| b.saturating_sub(a));
         if self.pids.is_empty() {
-            return None;
+            return CpuUse {
+                target: None,
+                machine_ms,
+            };
         }
         let used = cpu_ms(&self.pids).saturating_sub(self.start_ms);
-        Some((
-            used,
-            round1(used as f64 / wall.as_secs_f64().max(1e-3) / 10.0),
-        ))
+        CpuUse {
+            target: Some((
+                used,
+                round1(used as f64 / wall.as_secs_f64().max(1e-3) / 10.0),
+            )),
+            machine_ms,
+        }
     }
 }
 
 /// JSON fields for a CPU measurement: `cpu_ms`, `cpu_pct` and `per` µs of
-/// CPU per unit of `work`.
-fn cpu_fields(v: &mut Value, cpu: Option<(u64, f64)>, work: u64, per: &str) {
-    if let Some((ms, pct)) = cpu {
+/// the target's CPU per unit of `work`; `machine_<per>` the same for the
+/// whole machine.
+fn cpu_fields(v: &mut Value, cpu: CpuUse, work: u64, per: &str) {
+    if let Some((ms, pct)) = cpu.target {
         v["cpu_ms"] = json!(ms);
         v["cpu_pct"] = json!(pct);
         if work > 0 {
             v[per] = json!(round1(ms as f64 * 1000.0 / work as f64));
         }
+    }
+    if let (Some(ms), true) = (cpu.machine_ms, work > 0) {
+        v[format!("machine_{per}")] = json!(round1(ms as f64 * 1000.0 / work as f64));
     }
 }
 
@@ -947,7 +991,10 @@ async fn hold(a: HoldArgs) -> Result<()> {
     // The proxy's CPU while every socket sits idle (timers, sweeps).
     let idle_meter = CpuMeter::start(&a.pids);
     sleep(Duration::from_secs(2)).await;
-    let idle_cpu = idle_meter.stop(Duration::from_secs(2)).map_or(0.0, |c| c.1);
+    let idle_cpu = idle_meter
+        .stop(Duration::from_secs(2))
+        .target
+        .map_or(0.0, |c| c.1);
     let up_after = if a.upstream_pids.is_empty() {
         0
     } else {
@@ -1252,6 +1299,21 @@ const FIGURES: &[Figure] = &[
         title: "proxy CPU µs per upgrade (churn)",
         bench: "churn",
         field: "cpu_us_per_upgrade",
+    },
+    Figure {
+        title: "machine CPU µs per round trip (rtt)",
+        bench: "rtt",
+        field: "machine_cpu_us_per_msg",
+    },
+    Figure {
+        title: "machine CPU µs per echoed message (stream)",
+        bench: "stream",
+        field: "machine_cpu_us_per_msg",
+    },
+    Figure {
+        title: "machine CPU µs per upgrade (churn)",
+        bench: "churn",
+        field: "machine_cpu_us_per_upgrade",
     },
     Figure {
         title: "churn errors (sum over runs)",
