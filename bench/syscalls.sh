@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Counts a proxy's system calls (perf syscall tracepoints) and CPU time over a
-# 2-second window in the middle of one workload, to explain a figure of
-# BENCHMARKS.md. Needs `perf` with tracepoint access (root).
+# Measures a proxy's CPU time (user and system apart), then counts its system
+# calls (perf syscall tracepoints), each over a 2-second window in the middle
+# of one workload, to explain a figure of BENCHMARKS.md. Needs `perf` with
+# tracepoint access (root).
 #
 #   bench/syscalls.sh rtt portcullis 1   # workload: rtt|stream|churn
 #   bench/syscalls.sh churn nginx        # target: nginx|haproxy|portcullis
 #
 # The optional third argument is the window in seconds (default 2; use 1 for
-# rtt, which finishes in about 2 s).
+# rtt, which may finish in under 2 s: both windows must fit in the run).
 #
 # It runs `bench/run.sh --no-build --only WORKLOAD --targets TARGET --runs 1`
 # in the background (which starts and stops every process itself), finds the
@@ -39,27 +40,35 @@ case $T in
 esac
 REDIS=$(pgrep -f "redis-server 127.0.0.1:$(grep -o 'redis://127.0.0.1:[0-9]*' "$TMPD/portcullis.toml" | cut -d: -f3)" || true)
 
-# CPU ticks (10 ms) of the pids that still exist.
+# User and system CPU ticks (10 ms) of the pids that still exist, as "U S".
 ticks() {
-    local s=0 p v
+    local u=0 k=0 p v
     for p in ${1//,/ }; do
-        v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || continue
-        s=$((s + v))
+        v=$(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null) || continue
+        u=$((u + ${v% *})); k=$((k + ${v#* }))
     done
-    echo "$s"
+    echo "$u $k"
 }
-
+# "user X ms, system Y ms" between two `ticks` readings.
+spent() {
+    local a=($1) b=($2)
+    echo "user $(( (b[0] - a[0]) * 10 )) ms, system $(( (b[1] - a[1]) * 10 )) ms"
+}
 sleep 0.7
 EV=""
 for s in recvfrom sendto read write readv writev epoll_wait futex epoll_ctl connect accept4 \
          close shutdown setsockopt getsockopt socket getrandom ioctl; do
     EV="$EV${EV:+,}syscalls:sys_enter_$s"
 done
-t0=$(ticks "$P"); r0=$( [ -n "$REDIS" ] && ticks "$REDIS" || echo 0)
+# CPU first, in a window of its own: counting tracepoints slows every
+# system call, which would inflate the system time.
+t0=$(ticks "$P"); r0=$( [ -n "$REDIS" ] && ticks "$REDIS" || echo "0 0")
+sleep "$WINDOW"
+t1=$(ticks "$P"); r1=$( [ -n "$REDIS" ] && ticks "$REDIS" || echo "0 0")
 perf stat -e "$EV" -p "$P" -o "$OUT.perf" -- sleep "$WINDOW"
-t1=$(ticks "$P"); r1=$( [ -n "$REDIS" ] && ticks "$REDIS" || echo 0)
 wait "$RUN" || true
 
 grep -E "^   $W " "$OUT" || true
-echo "   $WINDOW s window: $T CPU $(( (t1 - t0) * 10 )) ms${REDIS:+, its Redis CPU $(( (r1 - r0) * 10 )) ms (only meaningful for portcullis)}"
+echo "   first $WINDOW s window: $T CPU $(spent "$t0" "$t1")"
+[ "$T" = portcullis ] && [ -n "$REDIS" ] && echo "   its Redis CPU $(spent "$r0" "$r1")"
 awk '/syscalls:/ && $1 != "<not" { gsub(/syscalls:sys_enter_/, "", $2); printf "   %-12s %s\n", $2, $1 }' "$OUT.perf"
