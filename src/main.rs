@@ -1,15 +1,6 @@
-//! The `portcullis` binary: parse the CLI, set up logging, load config, bind,
-//! and hand over to the library. Nothing else lives here.
-
-/// jemalloc instead of glibc's malloc for the gateway: per upgrade, glibc
-/// spent 8 % of the gateway's CPU in its allocator, a quarter of that on the
-/// cache-line-aligned allocations of Tokio tasks (`_int_memalign`). With
-/// jemalloc the gateway and its Redis used 108 instead of 119 µs of CPU per
-/// upgrade, and an idle proxied connection 2.2 instead of 2.6–2.7 KiB
-/// (BENCHMARKS.md, "What each change bought"). The load generator keeps the
-/// system allocator, so the benchmark's shared costs do not move.
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+//! The `portcullis` binary: choose the allocator, parse the CLI, set up
+//! logging, load config, bind, and hand over to the library. Nothing else
+//! lives here.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -21,6 +12,20 @@ use clap::{Parser, Subcommand};
 
 use portcullis::app::App;
 use portcullis::config::Config;
+
+/// jemalloc instead of glibc's malloc. In a `churn` profile glibc's
+/// allocator took 8 % of the gateway's samples, a quarter of them in
+/// `_int_memalign` (Tokio's tasks are cache-line-aligned allocations). With
+/// jemalloc the gateway spent 11 µs less CPU per upgrade (108 instead of 119
+/// µs with its Redis, which the allocator does not touch), and an idle
+/// proxied connection costs 2.1–2.2 instead of 2.6–2.7 KiB; mimalloc, tried
+/// earlier, gave no CPU gain and more memory (BENCHMARKS.md, "What each
+/// change bought"). Only this binary: the library's users and the bench
+/// tool keep their own allocator. tikv-jemallocator does not build for
+/// MSVC, which keeps the system allocator.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(

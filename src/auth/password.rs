@@ -5,9 +5,11 @@
 //! instead of spawning hundreds of threads and gigabytes of hash memory.
 //!
 //! The argon2 working memory is allocated once per concurrent verification
-//! and reused. Allocating 19 MiB per login made glibc raise its mmap
-//! threshold and keep the freed blocks in per-thread arenas: a 5 s login
-//! burst left the gateway at ~750 MiB RSS for good (BENCHMARKS.md).
+//! and reused, so what a login burst costs in memory does not depend on how
+//! an allocator treats freed 19 MiB blocks: with glibc's, a 5 s burst left
+//! the gateway at ~750 MiB RSS for good, and keeping RSS low by handing
+//! every block back cost 29 % of the login rate, each hash faulting in
+//! fresh pages (BENCHMARKS.md).
 
 use std::sync::{Arc, Mutex};
 
