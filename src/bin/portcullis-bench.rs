@@ -872,8 +872,9 @@ fn machine_busy_ms() -> Option<u64> {
 
 /// CPU over a window: the target's processes, and the whole machine. The
 /// machine's figure is the budget the targets compete for: on a saturated
-/// machine a target's rate is the inverse of the machine's CPU per
-/// operation, so it shows how much a proxy must save to move a ratio.
+/// machine a target's rate is proportional to the inverse of the machine's
+/// CPU per operation, so it shows how much a proxy must save to move a
+/// ratio.
 struct CpuMeter {
     pids: Vec<u32>,
     start_ms: u64,
