@@ -28,16 +28,6 @@ pub struct UpstreamPool {
     next: AtomicUsize,
 }
 
-/// Counts a connection against `least_connections` while it lives.
-#[derive(Debug)]
-pub struct ActiveGuard<'a>(&'a Upstream);
-
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Rendezvous (highest-random-weight) score: stable per (session, upstream),
 /// so every socket of a session lands on the same runtime and removing an
 /// upstream only moves the sessions that were on it. FNV-1a then a
@@ -115,13 +105,8 @@ impl UpstreamPool {
         self.upstreams[i].down_until_ms.store(0, Ordering::Relaxed);
     }
 
-    pub fn activate(&self, i: usize) -> ActiveGuard<'_> {
-        self.enter(i);
-        ActiveGuard(&self.upstreams[i])
-    }
-
-    /// Counts one more socket on upstream `i`, until a matching `leave`;
-    /// for owners that cannot hold an [`ActiveGuard`]'s borrow.
+    /// Counts one more socket on upstream `i` for `least_connections`,
+    /// until a matching `leave` (the gate's `Active` guard pairs them).
     pub fn enter(&self, i: usize) {
         self.upstreams[i].active.fetch_add(1, Ordering::Relaxed);
     }
@@ -176,11 +161,11 @@ mod tests {
         let firsts: Vec<usize> = (0..4).map(|_| p.order("x")[0]).collect();
         assert_eq!(firsts, vec![0, 1, 2, 3]);
         let p = pool(Balance::LeastConnections);
-        let _a = p.activate(0);
-        let _b = p.activate(1);
+        p.enter(0);
+        p.enter(1);
         let o = p.order("x");
         assert!(o[0] == 2 || o[0] == 3);
-        drop(_a);
+        p.leave(0);
         assert_eq!(p.order("x")[0], 0);
     }
 }
