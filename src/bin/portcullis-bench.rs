@@ -902,20 +902,12 @@ impl CpuMeter {
             .machine_start_ms
             .zip(machine_busy_ms())
             .map(|(a, b)| b.saturating_sub(a));
-        if self.pids.is_empty() {
-            return CpuUse {
-                target: None,
-                machine_ms,
-            };
-        }
-        let used = cpu_ms(&self.pids).saturating_sub(self.start_ms);
-        CpuUse {
-            target: Some((
-                used,
-                round1(used as f64 / wall.as_secs_f64().max(1e-3) / 10.0),
-            )),
-            machine_ms,
-        }
+        let target = (!self.pids.is_empty()).then(|| {
+            let used = cpu_ms(&self.pids).saturating_sub(self.start_ms);
+            let pct = round1(used as f64 / wall.as_secs_f64().max(1e-3) / 10.0);
+            (used, pct)
+        });
+        CpuUse { target, machine_ms }
     }
 }
 
@@ -930,7 +922,7 @@ fn cpu_fields(v: &mut Value, cpu: CpuUse, work: u64, per: &str) {
             v[per] = json!(round1(ms as f64 * 1000.0 / work as f64));
         }
     }
-    if let (Some(ms), true) = (cpu.machine_ms, work > 0) {
+    if let Some(ms) = cpu.machine_ms.filter(|_| work > 0) {
         v[format!("machine_{per}")] = json!(round1(ms as f64 * 1000.0 / work as f64));
     }
 }
