@@ -1,15 +1,19 @@
-//! Everything a request handler needs, built once from a validated config.
+//! The composition root: every part of the gateway, built once from a
+//! validated config and wired together. Request handlers (`http`) and the
+//! server read it; lower layers receive only the parts they use.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::auth::Authenticator;
 use crate::auth::ratelimit::LoginLimiter;
 use crate::config::{Config, Loaded, StoreKind};
-use crate::gate::registry::Registry;
+use crate::gate::Gate;
 use crate::hub::Hubs;
 use crate::routing::{Route, RouteTable};
 use crate::session::{MemoryStore, RedisStore, Store, StoreError};
 use crate::shutdown::Shutdown;
+use crate::sockets::Sockets;
 use crate::telemetry::Metrics;
 use crate::token::TokenService;
 
@@ -22,36 +26,34 @@ pub enum AppError {
 }
 
 pub struct App {
-    pub config: Config,
-    pub routes: RouteTable,
-    pub store: Store,
-    pub tokens: TokenService,
-    pub auth: Authenticator,
-    pub limiter: LoginLimiter,
-    pub metrics: Metrics,
-    /// Sockets open on this instance, by session.
-    pub registry: Registry,
-    /// Store leases of closed sockets, waiting to be released in a batch.
-    pub releases: crate::gate::release::Releases,
+    pub(crate) config: Config,
+    pub(crate) routes: RouteTable,
+    pub(crate) store: Arc<Store>,
+    pub(crate) tokens: Arc<TokenService>,
+    pub(crate) auth: Authenticator,
+    pub(crate) limiter: LoginLimiter,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Sockets open on this instance: registry, lease releases, shutdown.
+    pub(crate) sockets: Sockets,
     /// Shared-session hubs by (session, route).
-    pub hubs: Hubs,
-    /// Every socket task is tracked here so shutdown can close and drain it.
-    pub shutdown: Shutdown,
+    pub(crate) hubs: Hubs,
+    /// The upgrade checks of SPEC §6 and the hand-over.
+    pub(crate) gate: Gate,
     /// HTML served at `/` by `portcullis demo` only.
-    pub demo_page: Option<String>,
+    pub(crate) demo_page: Option<String>,
 }
 
 impl App {
     pub async fn build(loaded: Loaded) -> Result<App, AppError> {
         let Loaded { config, keys, .. } = loaded;
-        let tokens = TokenService::new(&config.tokens, &keys).map_err(AppError::Tokens)?;
-        let store = match config.sessions.store {
+        let tokens = Arc::new(TokenService::new(&config.tokens, &keys).map_err(AppError::Tokens)?);
+        let store = Arc::new(match config.sessions.store {
             StoreKind::Memory => Store::Memory(MemoryStore::new()),
             StoreKind::Redis => Store::Redis(
                 RedisStore::connect(&config.sessions.redis_url, &config.sessions.key_prefix)
                     .await?,
             ),
-        };
+        });
         let routes = RouteTable::new(
             config
                 .routes
@@ -68,14 +70,34 @@ impl App {
                 })
                 .collect(),
         );
+        let metrics = Arc::new(Metrics::new());
+        let sockets = Sockets::new(
+            config.server.max_connections,
+            store.clone(),
+            Shutdown::new(),
+            metrics.clone(),
+        );
+        let hubs = Hubs::new(
+            sockets.clone(),
+            store.clone(),
+            config.server.io_buffer_bytes,
+        );
+        let gate = Gate::new(
+            &config.server,
+            Duration::from_secs(config.sessions.ttl_secs),
+            tokens.clone(),
+            store.clone(),
+            sockets.clone(),
+            hubs.clone(),
+            metrics.clone(),
+        );
         Ok(App {
             auth: Authenticator::from_config(&config.auth),
             limiter: LoginLimiter::new(config.auth.login_attempts_per_minute),
-            metrics: Metrics::new(),
-            registry: Registry::new(config.server.max_connections),
-            hubs: Hubs::default(),
-            releases: Default::default(),
-            shutdown: Shutdown::new(),
+            metrics,
+            sockets,
+            hubs,
+            gate,
             demo_page: None,
             routes,
             store,
@@ -86,5 +108,10 @@ impl App {
 
     pub fn into_shared(self) -> Arc<App> {
         Arc::new(self)
+    }
+
+    /// The validated config this app was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 }

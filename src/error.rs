@@ -19,8 +19,8 @@ pub type Body = Full<Bytes>;
 /// Seconds a client should wait before retrying after a store outage.
 pub const STORE_RETRY_AFTER_SECS: u64 = 2;
 
-/// Who caused a refusal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who caused a refusal; the metric label and log level follow from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Fault {
     /// The request itself is wrong or not allowed.
     Client,
@@ -40,6 +40,9 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     pub allow: Option<&'static str>,
     pub fault: Fault,
+    /// What went wrong inside, for the one log line of this refusal; never
+    /// sent to the client.
+    pub cause: Option<String>,
 }
 
 impl ApiError {
@@ -55,6 +58,7 @@ impl ApiError {
             retry_after: None,
             allow: None,
             fault: Fault::Client,
+            cause: None,
         }
     }
 
@@ -139,8 +143,10 @@ impl ApiError {
         )
     }
 
-    pub fn store_unavailable(e: &StoreError) -> Self {
-        tracing::warn!(error = %e, "session store unavailable");
+    /// The store is down: `503` + `Retry-After`. Built without logging:
+    /// whoever answers the request logs it once, at the level its fault
+    /// calls for (a probe polling `/readyz` must not flood the log).
+    pub fn store_unavailable() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "session_store_unavailable",
@@ -196,6 +202,16 @@ impl ApiError {
         .fault(Fault::Upstream)
     }
 
+    /// How loudly this refusal is worth logging: a client's mistake or a
+    /// limit doing its job is routine; a sick store or runtime is not.
+    pub fn log_level(&self) -> tracing::Level {
+        match self.fault {
+            Fault::Client => tracing::Level::DEBUG,
+            Fault::Capacity => tracing::Level::INFO,
+            Fault::Store | Fault::Upstream => tracing::Level::WARN,
+        }
+    }
+
     pub fn into_response(self) -> Response<Body> {
         let body = serde_json::json!({ "error": self.code, "message": self.message });
         let mut resp = json_response(self.status, &body);
@@ -208,6 +224,28 @@ impl ApiError {
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         resp
+    }
+}
+
+impl Fault {
+    /// The `fault` label of `portcullis_refusals_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Client => "client",
+            Fault::Store => "store",
+            Fault::Upstream => "upstream",
+            Fault::Capacity => "capacity",
+        }
+    }
+}
+
+/// Every store failure a request meets is a `503 session_store_unavailable`;
+/// what went wrong travels as the (unshown) cause.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let mut err = ApiError::store_unavailable();
+        err.cause = Some(e.to_string());
+        err
     }
 }
 

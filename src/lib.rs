@@ -3,21 +3,37 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the TOML tree, defaults, and `validate()`.
-//! - [`routing`]: route patterns and the route table.
-//! - [`session`]: the `SessionStore` trait; memory and Redis stores.
-//! - [`token`]: JWT signing/verification, key rotation by `kid`, JWKS.
-//! - [`auth`]: login backends (static argon2id users, upstream verifier) and
-//!   the login rate limiter.
-//! - [`gate`]: the ordered upgrade checks of SPEC §6, the registry of open
-//!   sockets, and the revocation / expiry / lease maintenance tasks.
-//! - [`proxy`]: upstream dial, frame-boundary tracking, the byte relay.
-//! - [`hub`]: shared sessions: one runtime connection per (session, route),
-//!   owner/reader viewports, the numbered replay ring, detach grace.
-//! - [`http`]: the HTTP API of SPEC §4 and the one error → response mapping.
-//! - [`server`]: the accept loop, connection limits, hyper per connection.
-//! - [`telemetry`]: Prometheus metrics and log redaction.
-//! - [`demo`]: the self-contained `portcullis demo`.
+//! Modules are layers, listed from the top. A module imports only from
+//! layers below its own, never from one above, and modules of one layer do
+//! not import each other (`tests/layers.rs` checks both):
+//!
+//! 1. `main.rs` (the binary) and [`demo`]: parse the CLI, load config, wire,
+//!    serve.
+//! 2. [`server`]: the accept loop, shard runtimes, signals and drain;
+//!    [`maintenance`]: the background tasks that keep open sockets honest
+//!    (revocation listener, expiry sweep, lease renewal).
+//! 3. [`http`]: dispatch by path, the session API of SPEC §4, the one place
+//!    a refusal is logged and counted.
+//! 4. [`app`]: the composition root, every part built once from config.
+//! 5. [`gate`]: the ordered upgrade checks of SPEC §6 and the hand-over.
+//! 6. [`hub`]: shared sessions (SPEC §7): one runtime connection per
+//!    (session, route), owner/reader viewports, the replay ring.
+//! 7. [`proxy`]: dialling a runtime and relaying bytes (exclusive mode).
+//! 8. [`sockets`]: the life of an open socket: registry, leases, the task
+//!    epilogue, every close code.
+//! 9. [`error`]: the one refusal type and its HTTP response.
+//! 10. [`session`] (stores), [`token`] (JWTs, where a token comes from),
+//!     [`auth`] (login backends, rate limit), [`routing`] (route table,
+//!     balancing).
+//! 11. [`config`]: the TOML tree, defaults, `validate()`.
+//! 12. [`ids`], [`time`], [`telemetry`], [`shutdown`]: leaves.
+//!
+//! Why this order: data flows down it. A request enters at the server, is
+//! dispatched by `http`, admitted by the `gate`, and its socket then lives
+//! in `hub` or `proxy`, which hold it through `sockets`. `proxy` sits above
+//! `sockets` because the relay sends the close codes `sockets::close`
+//! defines; `sockets` knows nothing of how bytes move, only what a socket
+//! holds and how it ends.
 
 pub mod app;
 pub mod auth;
@@ -28,11 +44,13 @@ pub mod gate;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod maintenance;
 pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod sockets;
 pub mod telemetry;
 pub mod time;
 pub mod token;

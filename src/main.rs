@@ -159,7 +159,7 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let loaded = Config::load(&path).map_err(|e| anyhow::anyhow!("config error: {e}"))?;
     let listen = loaded.listen;
     let app = App::build(loaded).await.context("starting")?.into_shared();
-    let shards = portcullis::server::shard_count(app.config.server.worker_threads);
+    let shards = portcullis::server::shard_count(app.config().server.worker_threads);
     let listeners = portcullis::server::bind_shards(listen, shards)
         .with_context(|| format!("binding {listen}"))?;
     portcullis::server::run_until_signal(app, listeners).await

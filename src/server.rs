@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::app::App;
+use crate::maintenance::Maintenance;
 use crate::session::SessionStore;
 
 /// Largest request head accepted; bigger heads get hyper's bare `431`.
@@ -24,7 +25,7 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// and probes still answer while the gateway is full of sockets.
 pub const HTTP_HEADROOM: usize = 1024;
 
-/// Serves `listener` until `app.shutdown` begins, then stops accepting and
+/// Serves `listener` until shutdown begins, then stops accepting and
 /// asks every HTTP connection to finish; socket tasks watch the same signal.
 pub async fn run(listener: TcpListener, app: Arc<App>) {
     let limit = Arc::new(Semaphore::new(
@@ -34,17 +35,17 @@ pub async fn run(listener: TcpListener, app: Arc<App>) {
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = app.shutdown.begun() => break,
+            _ = app.sockets.shutdown().begun() => break,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = app.shutdown.begun() => break,
+            _ = app.sockets.shutdown().begun() => break,
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let app2 = app.clone();
-                app.shutdown.spawn(async move {
+                app.sockets.shutdown().spawn(async move {
                     serve_connection(app2, stream, peer).await;
                     drop(permit);
                 });
@@ -53,7 +54,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>) {
                 tracing::warn!(error = %e, "accept failed; backing off");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = app.shutdown.begun() => break,
+                    _ = app.sockets.shutdown().begun() => break,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
@@ -85,7 +86,7 @@ async fn serve_connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
         }
-        _ = app.shutdown.begun() => {
+        _ = app.sockets.shutdown().begun() => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
@@ -143,7 +144,12 @@ pub async fn run_until_signal(
         .ok_or_else(|| anyhow::anyhow!("no listener"))?
         .local_addr()?;
     let grace = Duration::from_millis(app.config.server.shutdown_grace_ms);
-    crate::gate::maintenance::spawn(app.clone());
+    crate::maintenance::spawn(Maintenance {
+        store: app.store.clone(),
+        sockets: app.sockets.clone(),
+        hubs: app.hubs.clone(),
+        metrics: app.metrics.clone(),
+    });
     let mut shards = Vec::new();
     for (i, std_listener) in listeners.into_iter().enumerate() {
         let app = app.clone();
@@ -168,7 +174,7 @@ pub async fn run_until_signal(
                     }
                     // This runtime must outlive the sockets it drives: wait
                     // for every tracked task (all shards) to drain.
-                    let _ = tokio::time::timeout(grace, app.shutdown.wait()).await;
+                    let _ = tokio::time::timeout(grace, app.sockets.shutdown().wait()).await;
                 });
                 let _ = done_tx.send(());
             })?;
@@ -179,9 +185,12 @@ pub async fn run_until_signal(
     tracing::info!(%addr, shards = shards.len(), routes = app.routes.iter().count(), "serving");
     crate::shutdown::signal().await;
     tracing::info!("shutdown signal received");
-    app.shutdown.trigger();
-    app.registry.close_all(crate::proxy::relay::GOING_AWAY);
-    if app.shutdown.drain(grace).await {
+    let shutdown = app.sockets.shutdown();
+    shutdown.trigger();
+    app.sockets
+        .registry()
+        .close_all(crate::sockets::close::GOING_AWAY);
+    if shutdown.drain(grace).await {
         tracing::info!("drained; exiting");
     } else {
         tracing::warn!(

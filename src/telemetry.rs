@@ -33,6 +33,11 @@ pub struct RouteResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabel {
+    pub fault: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabel {
     pub code: u16,
 }
@@ -43,6 +48,8 @@ pub struct Metrics {
     pub sessions_created: Counter,
     pub sessions_revoked: Family<ReasonLabel, Counter>,
     pub store_errors: Counter,
+    /// Refused requests (API and upgrades) by whose fault.
+    pub refusals: Family<FaultLabel, Counter>,
     pub request_duration: Family<EndpointLabel, Histogram>,
     pub upgrades: Family<RouteResultLabel, Counter>,
     pub open_sockets: Gauge,
@@ -78,6 +85,12 @@ impl Metrics {
             "Session store calls that failed",
             store_errors.clone(),
         );
+        let refusals = Family::<FaultLabel, Counter>::default();
+        registry.register(
+            "refusals",
+            "Refused requests and upgrades by whose fault (client, store, upstream, capacity)",
+            refusals.clone(),
+        );
         let request_duration = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
             // 100 µs .. ~3.3 s
             Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -111,6 +124,7 @@ impl Metrics {
             sessions_created,
             sessions_revoked,
             store_errors,
+            refusals,
             request_duration,
             upgrades,
             open_sockets,

@@ -3,7 +3,11 @@
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// The demo route's default `max_message_bytes`.
+const MAX_MESSAGE: usize = 1024 * 1024;
+/// Small: a demo echo holds a few sockets, each reading short chat lines.
+const READ_BUFFER: usize = 4096;
 
 /// Echoes every text and binary message back, until the listener's task is
 /// dropped with the process.
@@ -15,12 +19,7 @@ pub async fn serve(listener: TcpListener) {
             continue;
         };
         tokio::spawn(async move {
-            let cfg = WebSocketConfig::default()
-                .read_buffer_size(4096)
-                .write_buffer_size(0)
-                .max_write_buffer_size(2 * 1024 * 1024)
-                .max_message_size(Some(1024 * 1024))
-                .max_frame_size(Some(1024 * 1024));
+            let cfg = crate::proxy::ws_config(MAX_MESSAGE, READ_BUFFER);
             let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(cfg)).await
             else {
                 return;

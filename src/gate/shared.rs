@@ -1,39 +1,18 @@
-//! The last step of the gate for `mode = "shared"` routes: find or create
-//! the session's hub (dialling the runtime only for a new hub), attach a
-//! viewport, and answer `101` with its role and sequence position.
-
-use std::sync::Arc;
+//! The hand-over for `mode = "shared"` routes: attach a viewport to the
+//! session's hub (which dials the runtime only for a new hub) and answer
+//! `101` with its role and sequence position (SPEC §7).
 
 use http::{HeaderName, HeaderValue, Response};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::Role;
 
-use super::registry::Slot;
-use super::upgrade::{self, Offered};
-use super::{Lease, dial_route};
-use crate::app::App;
+use super::{Admitted, Gate, dial_route, upgrade};
 use crate::error::{ApiError, Body};
-use crate::routing::Route;
-use crate::telemetry::CloseLabel;
-use crate::token::Claims;
 
 const ROLE: HeaderName = HeaderName::from_static("portcullis-role");
 const SEQ: HeaderName = HeaderName::from_static("portcullis-seq");
 const RESUME: HeaderName = HeaderName::from_static("portcullis-resume");
-
-pub struct Attach<'a> {
-    pub route: &'a Arc<Route>,
-    pub rest: &'a str,
-    pub query: Option<&'a str>,
-    pub claims: &'a Claims,
-    pub conn_id: &'a str,
-    pub expires_at: i64,
-    pub offered: &'a Offered,
-    pub headers: http::HeaderMap,
-    pub deadline: tokio::time::Instant,
-    pub accept: String,
-}
 
 fn resume_from(query: Option<&str>) -> Result<Option<u64>, ApiError> {
     let Some(raw) = query
@@ -48,70 +27,31 @@ fn resume_from(query: Option<&str>) -> Result<Option<u64>, ApiError> {
         .map_err(|_| ApiError::bad_request("resume_from must be a non-negative integer"))
 }
 
-pub async fn attach(
-    app: &Arc<App>,
-    on_upgrade: hyper::upgrade::OnUpgrade,
-    ctx: Attach<'_>,
-    slot: Slot,
-    lease: Lease,
-) -> Result<Response<Body>, ApiError> {
-    let resume = resume_from(ctx.query)?;
-    let mut on_upgrade = Some(on_upgrade);
-    // A hub can end between lookup and attach; then take the fresh one.
-    for _ in 0..2 {
-        let hub = app.hubs.get_or_create(&ctx.claims.sid, ctx.route);
-        let dialled = hub
-            .connect(app, ctx.expires_at, || async {
-                dial_route(
-                    ctx.route,
-                    ctx.rest,
-                    ctx.query,
-                    ctx.claims,
-                    ctx.headers.clone(),
-                    ctx.offered,
-                    ctx.deadline,
-                )
-                .await
-                .map(|(_, d)| d)
-            })
-            .await;
-        if dialled.is_err() {
-            // The hub stays registered without a runtime link: the next
-            // viewport retries the dial on this same hub, so two attempts
-            // can never end up with two runtime connections. Linkless hubs
-            // nobody retries are pruned by the sweep.
-            return Err(ApiError::upstream_unavailable());
-        }
-        let id = hub.new_viewport_id();
-        let (start, handle) = {
-            let mut ring = hub.ring();
-            if ring.closed.is_some() {
-                continue;
-            }
-            ring.attach(id, resume)
-        };
-        hub.viewports_changed();
+impl Gate {
+    pub(super) async fn shared(
+        &self,
+        on_upgrade: hyper::upgrade::OnUpgrade,
+        a: Admitted<'_>,
+    ) -> Result<Response<Body>, ApiError> {
+        let resume = resume_from(a.query)?;
+        let viewport = self
+            .hubs
+            .attach(
+                &a.claims.sid,
+                a.route,
+                a.record.expires_at,
+                resume,
+                || async { dial_route(&a).await.map(|(_, d)| d) },
+            )
+            .await
+            .ok_or_else(ApiError::upstream_unavailable)?;
 
-        let close_rx = app
-            .registry
-            .register(&ctx.claims.sid, ctx.conn_id, ctx.expires_at);
-        let protocol = hub
-            .protocol()
-            .filter(|p| {
-                let p = p.to_str().unwrap_or("");
-                ctx.offered
-                    .others
-                    .as_deref()
-                    .unwrap_or("")
-                    .split(',')
-                    .any(|o| o.trim() == p)
-            })
-            .or_else(|| {
-                ctx.offered
-                    .bearer
-                    .then(|| HeaderValue::from_static("bearer"))
-            });
-        let mut resp = upgrade::switching_protocols(ctx.accept.clone(), protocol);
+        let close_rx =
+            self.sockets
+                .registry()
+                .register_socket(&a.claims.sid, &a.conn_id, a.record.expires_at);
+        let start = viewport.start();
+        let mut resp = upgrade::switching_protocols(a.accept, viewport.protocol(), &a.offered);
         let h = resp.headers_mut();
         h.insert(
             ROLE,
@@ -125,41 +65,18 @@ pub async fn attach(
             );
         }
 
-        let on_upgrade = on_upgrade.take().expect("taken only on the returning path");
-        let max = ctx.route.max_message_bytes as usize;
-        let cfg = WebSocketConfig::default()
-            .read_buffer_size(4096)
-            .write_buffer_size(0)
-            .max_write_buffer_size(max + 64 * 1024)
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max));
-        let task_app = app.clone();
-        app.shutdown.spawn(async move {
-            let app = task_app;
-            let _slot = slot;
-            app.metrics.open_sockets.inc();
-            let code = match on_upgrade.await {
-                Ok(up) => {
-                    let ws =
-                        WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg))
-                            .await;
-                    crate::hub::serve_viewport(hub, id, handle, ws, close_rx, app.shutdown.clone())
-                        .await
-                }
-                Err(_) => {
-                    if hub.ring().detach(id) == 0 {
-                        hub.viewports_changed();
-                    }
-                    None
-                }
-            };
-            if let Some(code) = code {
-                app.metrics.closes.get_or_create(&CloseLabel { code }).inc();
-            }
-            app.metrics.open_sockets.dec();
-            drop(lease);
-        });
-        return Ok(resp);
+        let cfg =
+            crate::proxy::ws_config(a.route.max_message_bytes as usize, self.hubs.read_buffer());
+        let shutdown = self.sockets.shutdown().clone();
+        let socket = async move {
+            // A client that hangs up before the upgrade completes drops the
+            // viewport here, which detaches it.
+            let up = on_upgrade.await.ok()?;
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(up), Role::Server, Some(cfg)).await;
+            viewport.serve(ws, close_rx, shutdown).await
+        };
+        self.sockets.spawn(socket, a.held);
+        Ok(resp)
     }
-    Err(ApiError::upstream_unavailable())
 }

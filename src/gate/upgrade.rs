@@ -12,8 +12,8 @@ use hyper::body::Incoming;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::error::{ApiError, Body};
-use crate::http::credentials::COOKIE_NAME;
 use crate::token::Claims;
+use crate::token::credentials::COOKIE_NAME;
 
 const X_SESSION_ID: HeaderName = HeaderName::from_static("x-portcullis-session-id");
 const X_USER: HeaderName = HeaderName::from_static("x-portcullis-user");
@@ -172,8 +172,30 @@ fn strip_session_cookie(value: &HeaderValue) -> Option<HeaderValue> {
     HeaderValue::from_str(&kept.join("; ")).ok()
 }
 
-pub fn switching_protocols(accept: String, protocol: Option<HeaderValue>) -> Response<Body> {
-    let mut resp = super::response_101();
+/// The `101`, for exclusive and shared sockets alike. It carries the
+/// subprotocol the runtime chose if this client offered it (a shared hub's
+/// runtime chose once, for the viewport that dialled it); when the client
+/// authenticated with the `bearer, <token>` pair and no other protocol is
+/// chosen, it says `bearer`, since browsers fail a handshake whose `101`
+/// picks none of the protocols they offered.
+pub fn switching_protocols(
+    accept: String,
+    runtime_choice: Option<HeaderValue>,
+    offered: &Offered,
+) -> Response<Body> {
+    let protocol = runtime_choice
+        .filter(|p| {
+            let p = p.to_str().unwrap_or("");
+            offered
+                .others
+                .as_deref()
+                .unwrap_or("")
+                .split(',')
+                .any(|o| o.trim() == p)
+        })
+        .or_else(|| offered.bearer.then(|| HeaderValue::from_static("bearer")));
+    let mut resp = Response::new(Body::default());
+    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -243,6 +265,34 @@ mod tests {
         assert_eq!(o.others.as_deref(), Some("chat.v1, chat.v2"));
         let o = offered_protocols(&HeaderMap::new());
         assert!(!o.bearer && o.others.is_none());
+    }
+
+    #[test]
+    fn the_101_names_an_offered_runtime_choice_or_bearer() {
+        let offered = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(v));
+            offered_protocols(&h)
+        };
+        let chosen = |resp: Response<Body>| {
+            resp.headers()
+                .get(SEC_WEBSOCKET_PROTOCOL)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let chat = Some(HeaderValue::from_static("chat.v2"));
+        let r = switching_protocols("a".into(), chat.clone(), &offered("chat.v1, chat.v2"));
+        assert_eq!(r.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(chosen(r).as_deref(), Some("chat.v2"));
+        let r = switching_protocols("a".into(), chat.clone(), &offered("bearer, tok, chat.v1"));
+        assert_eq!(
+            chosen(r).as_deref(),
+            Some("bearer"),
+            "chat.v2 was not offered"
+        );
+        let r = switching_protocols("a".into(), None, &offered("bearer, tok"));
+        assert_eq!(chosen(r).as_deref(), Some("bearer"));
+        let r = switching_protocols("a".into(), chat, &offered("chat.v1"));
+        assert_eq!(chosen(r), None);
     }
 
     #[test]

@@ -9,13 +9,13 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
-use super::credentials::{self, COOKIE_NAME};
 use crate::app::App;
 use crate::config::Secret;
 use crate::error::{ApiError, Body, empty_response, json_response};
 use crate::session::{SessionRecord, SessionStore};
 use crate::telemetry::{ReasonLabel, ResultLabel};
 use crate::time::rfc3339;
+use crate::token::credentials::{self, COOKIE_NAME};
 use crate::token::{Claims, Issued};
 
 /// Largest API request body; a login is a few hundred bytes.
@@ -125,21 +125,11 @@ async fn login_inner(
         }
     };
     // The session exists in the store before any token for it does.
-    let record = app
-        .store
-        .create(&user, session_ttl(app))
-        .await
-        .map_err(|e| store_error(app, &e))?;
+    let record = app.store.create(&user, session_ttl(app)).await?;
     app.metrics.sessions_created.inc();
     let issued = app.tokens.issue(&record.user, &record.id);
     tracing::info!(user = %record.user, session = %record.id, "login");
     Ok(issued_response(&record, &issued, true))
-}
-
-/// A store failure: counted once, answered `503` with `Retry-After`.
-pub(crate) fn store_error(app: &App, e: &crate::session::StoreError) -> ApiError {
-    app.metrics.store_errors.inc();
-    ApiError::store_unavailable(e)
 }
 
 /// A "(token)" call: a valid token whose own session is live.
@@ -154,8 +144,7 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<(Claims, Ses
     let record = app
         .store
         .get(&claims.sid)
-        .await
-        .map_err(|e| store_error(app, &e))?
+        .await?
         .ok_or_else(|| ApiError::session_ended(StatusCode::UNAUTHORIZED))?;
     Ok((claims, record))
 }
@@ -174,11 +163,7 @@ pub async fn logout(app: &App, req: Request<Incoming>) -> Result<Response<Body>>
 }
 
 async fn end_session(app: &App, sid: &str) -> Result<bool> {
-    let existed = app
-        .store
-        .delete(sid)
-        .await
-        .map_err(|e| store_error(app, &e))?;
+    let existed = app.store.delete(sid).await?;
     if existed {
         app.metrics
             .sessions_revoked
@@ -194,8 +179,7 @@ pub async fn refresh(app: &App, req: Request<Incoming>) -> Result<Response<Body>
     let record = app
         .store
         .touch(&claims.sid, session_ttl(app))
-        .await
-        .map_err(|e| store_error(app, &e))?
+        .await?
         .ok_or_else(|| ApiError::session_ended(StatusCode::UNAUTHORIZED))?;
     let issued = app.tokens.issue(&record.user, &record.id);
     Ok(issued_response(&record, &issued, true))
@@ -205,11 +189,7 @@ pub async fn refresh(app: &App, req: Request<Incoming>) -> Result<Response<Body>
 /// pointing at the caller's current session, and the new token is in the body.
 pub async fn create_session(app: &App, req: Request<Incoming>) -> Result<Response<Body>> {
     let (claims, _) = authenticate(app, &req).await?;
-    let record = app
-        .store
-        .create(&claims.sub, session_ttl(app))
-        .await
-        .map_err(|e| store_error(app, &e))?;
+    let record = app.store.create(&claims.sub, session_ttl(app)).await?;
     app.metrics.sessions_created.inc();
     let issued = app.tokens.issue(&record.user, &record.id);
     Ok(issued_response(&record, &issued, false))
@@ -223,8 +203,7 @@ async fn owned_session(app: &App, claims: &Claims, id: &str) -> Result<SessionRe
     }
     app.store
         .get(id)
-        .await
-        .map_err(|e| store_error(app, &e))?
+        .await?
         .filter(|r| r.user == claims.sub)
         .ok_or_else(ApiError::session_not_found)
 }
@@ -257,7 +236,12 @@ pub async fn delete_session(app: &App, req: Request<Incoming>, id: &str) -> Resu
 pub async fn readyz(app: &App) -> Response<Body> {
     match app.store.ping().await {
         Ok(()) => json_response(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
-        Err(e) => store_error(app, &e).into_response(),
+        // A probe, not a refusal: counted, never logged (a load balancer
+        // polls this every few seconds while the store is down).
+        Err(_) => {
+            app.metrics.store_errors.inc();
+            ApiError::store_unavailable().into_response()
+        }
     }
 }
 

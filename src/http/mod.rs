@@ -2,7 +2,6 @@
 //! page, or the WebSocket gate of a route.
 
 pub mod api;
-pub mod credentials;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,8 +11,8 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 
 use crate::app::App;
-use crate::error::{ApiError, Body, json_response};
-use crate::telemetry::{EndpointLabel, redact_target};
+use crate::error::{ApiError, Body, Fault, json_response};
+use crate::telemetry::{EndpointLabel, FaultLabel, redact_target};
 
 /// Serves one request. Never fails: every refusal is a JSON response.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -23,7 +22,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     // is on (tracing evaluates field values lazily), not on every upgrade.
     let uri = req.uri().clone();
     let (endpoint, result) = dispatch(&app, req, peer).await;
-    let resp = result.unwrap_or_else(ApiError::into_response);
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            refused(&app, endpoint, &e);
+            e.into_response()
+        }
+    };
     app.metrics
         .request_duration
         .get_or_create(&EndpointLabel { endpoint })
@@ -36,6 +41,47 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
         "request"
     );
     resp
+}
+
+/// Counts and logs a refusal, once, at the level its fault calls for.
+fn refused(app: &App, endpoint: &'static str, e: &ApiError) {
+    if e.fault == Fault::Store {
+        app.metrics.store_errors.inc();
+    }
+    app.metrics
+        .refusals
+        .get_or_create(&FaultLabel {
+            fault: e.fault.as_str(),
+        })
+        .inc();
+    let cause = e.cause.as_deref().unwrap_or("");
+    match e.log_level() {
+        tracing::Level::WARN => {
+            tracing::warn!(
+                endpoint,
+                error = e.code,
+                status = e.status.as_u16(),
+                cause,
+                "refused"
+            )
+        }
+        tracing::Level::INFO => {
+            tracing::info!(
+                endpoint,
+                error = e.code,
+                status = e.status.as_u16(),
+                cause,
+                "refused"
+            )
+        }
+        _ => tracing::debug!(
+            endpoint,
+            error = e.code,
+            status = e.status.as_u16(),
+            cause,
+            "refused"
+        ),
+    }
 }
 
 fn only(req: &Request<Incoming>, method: Method, allow: &'static str) -> Result<(), ApiError> {
@@ -135,10 +181,7 @@ async fn dispatch(
             _ => match app.routes.lookup(p) {
                 Some((route, rest)) => {
                     let (route, rest) = (route.clone(), rest.to_string());
-                    (
-                        "upgrade",
-                        crate::gate::handle(app, req, route, rest, peer).await,
-                    )
+                    ("upgrade", app.gate.handle(req, route, rest, peer).await)
                 }
                 None => ("not_found", Err(ApiError::not_found())),
             },

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::Ending;
+use super::HubClose;
 
 /// What the hub knows about one attached viewport.
 pub struct ViewportHandle {
@@ -36,16 +36,16 @@ pub struct Ring {
     max_bytes: usize,
     /// Set once, when the hub ended: viewports deliver what is left, then
     /// close with this code and reason. An ended hub is never handed out.
-    pub closed: Option<Ending>,
-    pub owner: Option<u64>,
-    pub viewports: HashMap<u64, ViewportHandle>,
+    closed: Option<HubClose>,
+    owner: Option<u64>,
+    viewports: HashMap<u64, ViewportHandle>,
 }
 
 /// What a viewport should do next.
 pub enum Next {
     Send(Vec<Message>),
     Lagged,
-    Closed(Ending),
+    Closed(HubClose),
     Wait,
 }
 
@@ -65,6 +65,31 @@ impl Ring {
             owner: None,
             viewports: HashMap::new(),
         }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
+    pub fn has_viewports(&self) -> bool {
+        !self.viewports.is_empty()
+    }
+
+    /// Ends the ring: viewports deliver what it holds, then close with
+    /// `close`. The first close wins.
+    pub fn close(&mut self, close: HubClose) {
+        self.closed.get_or_insert(close);
+    }
+
+    /// Ends the ring only if no viewport is attached, deciding under the
+    /// lock a viewport attaches under: an attach racing the detach grace
+    /// either keeps the hub or finds it closed. `true` when it closed.
+    pub fn close_if_unattended(&mut self, close: HubClose) -> bool {
+        if self.has_viewports() {
+            return false;
+        }
+        self.close(close);
+        true
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -95,8 +120,12 @@ impl Ring {
         }
     }
 
-    /// Registers a viewport and decides where it starts (SPEC §7 resume).
-    pub fn attach(&mut self, id: u64, resume_from: Option<u64>) -> (Start, ViewportHandle) {
+    /// Registers a viewport and decides where it starts (SPEC §7 resume);
+    /// `None` once the ring is closed.
+    pub fn attach(&mut self, id: u64, resume_from: Option<u64>) -> Option<(Start, ViewportHandle)> {
+        if self.is_closed() {
+            return None;
+        }
         let next = self.next_seq();
         let (seq, resume_ok) = match resume_from {
             None => (next, None),
@@ -121,14 +150,14 @@ impl Ring {
                 lagged: lagged.clone(),
             },
         );
-        (
+        Some((
             Start {
                 seq,
                 resume_ok,
                 owner,
             },
             ViewportHandle { cursor, lagged },
-        )
+        ))
     }
 
     /// Removes a viewport; frees ownership if it held it. Returns how many
@@ -184,6 +213,38 @@ mod tests {
         Message::text(s)
     }
 
+    impl Ring {
+        fn attach_open(&mut self, id: u64, resume: Option<u64>) -> (Start, ViewportHandle) {
+            self.attach(id, resume).expect("ring is open")
+        }
+    }
+
+    #[test]
+    fn a_closed_ring_takes_no_viewport_and_the_first_close_wins() {
+        use crate::sockets::close::{GOING_AWAY, SESSION_REVOKED};
+        let mut unattended = Ring::new(3, 1000);
+        assert!(unattended.close_if_unattended(GOING_AWAY.into()));
+        assert!(unattended.is_closed());
+
+        let mut r = Ring::new(3, 1000);
+        r.attach_open(1, None);
+        assert!(
+            !r.close_if_unattended(GOING_AWAY.into()),
+            "a viewport is attached"
+        );
+        assert!(!r.is_closed());
+        r.close(SESSION_REVOKED.into());
+        r.close(GOING_AWAY.into());
+        assert!(
+            r.attach(2, None).is_none(),
+            "an ended hub takes no viewport"
+        );
+        match r.next_for(0, 10) {
+            Next::Closed(c) => assert_eq!((c.code, &*c.reason), (1008, "session_revoked")),
+            _ => panic!("the ring is closed"),
+        }
+    }
+
     #[test]
     fn numbers_frames_and_evicts_by_count_and_bytes() {
         let mut r = Ring::new(3, 1000);
@@ -208,7 +269,7 @@ mod tests {
         for i in 0..5 {
             r.push(t(&format!("{i}")));
         }
-        let (s, _) = r.attach(1, Some(3));
+        let (s, _) = r.attach_open(1, Some(3));
         assert_eq!(
             s,
             Start {
@@ -217,7 +278,7 @@ mod tests {
                 owner: true
             }
         );
-        let (s, _) = r.attach(2, Some(0));
+        let (s, _) = r.attach_open(2, Some(0));
         assert_eq!(
             s,
             Start {
@@ -226,19 +287,19 @@ mod tests {
                 owner: false
             }
         );
-        let (s, _) = r.attach(3, None);
+        let (s, _) = r.attach_open(3, None);
         assert_eq!((s.seq, s.resume_ok), (5, None));
-        let (s, _) = r.attach(4, Some(99));
+        let (s, _) = r.attach_open(4, Some(99));
         assert_eq!((s.seq, s.resume_ok), (2, Some(false)));
     }
 
     #[test]
     fn a_new_viewport_does_not_take_ownership_from_attached_readers() {
         let mut r = Ring::new(3, 1000);
-        r.attach(1, None);
-        r.attach(2, None);
+        r.attach_open(1, None);
+        r.attach_open(2, None);
         r.detach(1);
-        let (s, _) = r.attach(3, None);
+        let (s, _) = r.attach_open(3, None);
         assert!(!s.owner, "reader 2 was there first");
         assert!(r.may_write(2));
         assert!(!r.may_write(3));
@@ -247,9 +308,9 @@ mod tests {
     #[test]
     fn ownership_is_released_and_claimed_by_exactly_one() {
         let mut r = Ring::new(3, 1000);
-        r.attach(1, None);
-        r.attach(2, None);
-        r.attach(3, None);
+        r.attach_open(1, None);
+        r.attach_open(2, None);
+        r.attach_open(3, None);
         assert!(r.may_write(1));
         assert!(!r.may_write(2));
         r.detach(1);
@@ -260,7 +321,7 @@ mod tests {
     #[test]
     fn lagging_viewport_is_woken_on_eviction() {
         let mut r = Ring::new(2, 1000);
-        let (_, h) = r.attach(1, None);
+        let (_, h) = r.attach_open(1, None);
         r.push(t("a"));
         r.push(t("b"));
         r.push(t("c"));

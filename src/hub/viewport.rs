@@ -1,23 +1,26 @@
 //! One viewport: a client socket that receives every frame of its hub from
 //! its own cursor and, while it owns the session, writes to the runtime.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use http::HeaderValue;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::oneshot;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::Hub;
-use super::ring::{Next, ViewportHandle};
-use crate::proxy::relay::CloseCmd;
+use super::interrupts::Interrupts;
+use super::ring::{Next, Start, ViewportHandle};
+use super::{Hub, HubClose};
 use crate::shutdown::Shutdown;
+use crate::sockets::CloseRx;
+use crate::sockets::close::{self, Close};
 
 /// Frames taken from the ring per lock.
 const BATCH: usize = 64;
@@ -30,134 +33,188 @@ const NOT_OWNED: &str =
 
 pub type ClientWs = WebSocketStream<TokioIo<Upgraded>>;
 
+/// A viewport attached to its hub. Detaches when dropped, so a client that
+/// never completes its upgrade still frees its place (and ownership).
+pub struct Viewport {
+    hub: Arc<Hub>,
+    id: u64,
+    start: Start,
+    handle: ViewportHandle,
+}
+
+/// How a viewport's loop ended.
 #[derive(Debug)]
-enum End {
-    Close(u16, String, Duration),
+enum Exit {
+    /// Tell the client this, waiting at most so long for its reply.
+    Close(HubClose, Duration),
     /// The client left or its socket failed: nothing to say to it.
     Gone,
 }
 
-fn close(cmd: CloseCmd) -> End {
-    End::Close(cmd.code, cmd.reason.to_string(), CLOSE_WAIT)
+fn close(c: Close) -> Exit {
+    Exit::Close(c.into(), CLOSE_WAIT)
 }
 
-/// Serves one viewport until it or its hub ends. Returns the close code
-/// sent to the client, if any.
-pub async fn serve(
-    hub: Arc<Hub>,
-    id: u64,
-    handle: ViewportHandle,
-    mut ws: ClientWs,
-    mut revoked: oneshot::Receiver<CloseCmd>,
-    shutdown: Shutdown,
-) -> Option<u16> {
-    let mut wake = hub.wake.subscribe();
-    let mut cursor = handle.cursor.load(Ordering::Acquire);
-    let mut revoked_open = true;
-    let lag = || End::Close(1013, "try_again_later".into(), LAG_CLOSE_WAIT);
-    let end = 'outer: loop {
-        let next = hub.ring().next_for(cursor, BATCH);
-        match next {
-            Next::Lagged => break lag(),
-            Next::Closed(e) => break End::Close(e.code, e.reason, CLOSE_WAIT),
-            Next::Send(batch) => {
-                let n = batch.len() as u64;
-                let send = async {
-                    for m in batch {
-                        ws.feed(m).await?;
-                    }
-                    ws.flush().await
-                };
-                tokio::pin!(send);
-                loop {
-                    tokio::select! {
-                        r = &mut send => {
-                            if r.is_err() { break 'outer End::Gone; }
-                            break;
-                        }
-                        _ = handle.lagged.notified() => {
-                            // A stale wake-up is possible; only a real gap counts.
-                            if matches!(hub.ring().next_for(cursor, 0), Next::Lagged) {
-                                break 'outer lag();
-                            }
-                        }
-                        cmd = &mut revoked, if revoked_open => {
-                            revoked_open = false;
-                            if let Ok(cmd) = cmd { break 'outer close(cmd); }
-                        }
-                        _ = shutdown.begun() => break 'outer close(crate::proxy::relay::GOING_AWAY),
-                    }
-                }
-                cursor += n;
-                handle.cursor.store(cursor, Ordering::Release);
-                continue;
-            }
-            Next::Wait => {}
+fn lagged() -> Exit {
+    Exit::Close(close::TRY_AGAIN_LATER.into(), LAG_CLOSE_WAIT)
+}
+
+impl Viewport {
+    pub(super) fn new(hub: Arc<Hub>, id: u64, start: Start, handle: ViewportHandle) -> Self {
+        Viewport {
+            hub,
+            id,
+            start,
+            handle,
         }
-        tokio::select! {
-            _ = wake.changed() => {}
-            m = ws.next() => match m {
-                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-                    // Both waits below depend on a peer (a slow runtime, a
-                    // reader that writes but never reads): they stay
-                    // interruptible by revocation and shutdown.
-                    let owns = hub.ring().may_write(id);
-                    let sent = tokio::select! {
-                        r = async {
-                            if owns {
-                                hub.send_upstream(m).await.map_err(|()| close(crate::proxy::relay::UPSTREAM_GONE))
-                            } else {
-                                ws.send(Message::text(NOT_OWNED)).await.map_err(|_| End::Gone)
-                            }
-                        } => r,
-                        cmd = &mut revoked, if revoked_open => {
-                            revoked_open = false;
-                            Err(close(cmd.unwrap_or(crate::proxy::relay::GOING_AWAY)))
-                        }
-                        _ = shutdown.begun() => Err(close(crate::proxy::relay::GOING_AWAY)),
-                    };
-                    if let Err(end) = sent {
-                        break end;
-                    }
-                }
-                Some(Ok(Message::Close(_))) | None => break End::Gone,
-                Some(Ok(_)) => {}
-                Some(Err(WsError::Capacity(_))) => break close(crate::proxy::relay::TOO_BIG),
-                Some(Err(_)) => break End::Gone,
-            },
-            cmd = &mut revoked, if revoked_open => {
-                revoked_open = false;
-                if let Ok(cmd) = cmd { break close(cmd); }
-            }
-            _ = shutdown.begun() => break close(crate::proxy::relay::GOING_AWAY),
-        }
-    };
-    tracing::debug!(session = %hub.session_id, viewport = id, ?end, "viewport ending");
-    let remaining = hub.ring().detach(id);
-    if remaining == 0 {
-        hub.viewports_changed();
     }
-    match end {
-        End::Gone => {
-            // `SinkExt::close` flushes the close reply tungstenite queued
-            // when the client's close arrived; the inherent `close` would
-            // try to send a new close frame and fail.
-            let _ = tokio::time::timeout(CLOSE_WAIT, SinkExt::close(&mut ws)).await;
-            None
+
+    /// Where this viewport starts and whether it owns the session: what its
+    /// `101` says.
+    pub fn start(&self) -> Start {
+        self.start
+    }
+
+    /// The subprotocol the runtime chose when the hub dialled it.
+    pub fn protocol(&self) -> Option<HeaderValue> {
+        self.hub.protocol()
+    }
+
+    /// Serves the viewport until it or its hub ends. Returns the close code
+    /// sent to the client, if any.
+    pub async fn serve(
+        self,
+        mut ws: ClientWs,
+        close_rx: CloseRx,
+        shutdown: Shutdown,
+    ) -> Option<u16> {
+        let mut interrupts = Interrupts::new(close_rx, shutdown);
+        let exit = self.pump(&mut ws, &mut interrupts).await;
+        tracing::debug!(session = %self.hub.session_id, viewport = self.id, ?exit, "viewport ending");
+        // Detach first: the hub's grace clock starts now, not after the
+        // client has answered our close.
+        drop(self);
+        match exit {
+            Exit::Gone => {
+                // `SinkExt::close` flushes the close reply tungstenite queued
+                // when the client's close arrived; the inherent `close` would
+                // try to send a new close frame and fail.
+                let _ = tokio::time::timeout(CLOSE_WAIT, SinkExt::close(&mut ws)).await;
+                None
+            }
+            Exit::Close(c, wait) => {
+                let frame = CloseFrame {
+                    code: CloseCode::from(c.code),
+                    reason: Cow::into_owned(c.reason).into(),
+                };
+                let _ = tokio::time::timeout(wait, async {
+                    ws.close(Some(frame)).await?;
+                    // Wait for the client's close reply (or its hang-up).
+                    while let Some(Ok(_)) = ws.next().await {}
+                    Ok::<_, WsError>(())
+                })
+                .await;
+                Some(c.code)
+            }
         }
-        End::Close(code, reason, wait) => {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            };
-            let _ = tokio::time::timeout(wait, async {
-                ws.close(Some(frame)).await?;
-                // Wait for the client's close reply (or its hang-up).
-                while let Some(Ok(_)) = ws.next().await {}
-                Ok::<_, WsError>(())
-            })
-            .await;
-            Some(code)
+    }
+
+    /// The viewport's loop: deliver the ring from the cursor, forward the
+    /// owner's frames, until something ends it. Every wait on a peer (a slow
+    /// client, a slow runtime) is interruptible by revocation and shutdown.
+    async fn pump(&self, ws: &mut ClientWs, interrupts: &mut Interrupts) -> Exit {
+        let hub = &self.hub;
+        let mut wake = hub.wake.subscribe();
+        let mut cursor = self.handle.cursor.load(Ordering::Acquire);
+        loop {
+            let next = hub.ring().next_for(cursor, BATCH);
+            match next {
+                Next::Lagged => return lagged(),
+                Next::Closed(c) => return Exit::Close(c, CLOSE_WAIT),
+                Next::Send(batch) => {
+                    let n = batch.len() as u64;
+                    if let Some(exit) = self.deliver(ws, batch, cursor, interrupts).await {
+                        return exit;
+                    }
+                    cursor += n;
+                    self.handle.cursor.store(cursor, Ordering::Release);
+                    continue;
+                }
+                Next::Wait => {}
+            }
+            tokio::select! {
+                _ = wake.changed() => {}
+                m = ws.next() => match m {
+                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                        let sent = tokio::select! {
+                            r = self.forward(ws, m) => r,
+                            c = interrupts.next() => Err(close(c)),
+                        };
+                        if let Err(exit) = sent {
+                            return exit;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None => return Exit::Gone,
+                    Some(Ok(_)) => {}
+                    Some(Err(WsError::Capacity(_))) => return close(close::TOO_BIG),
+                    Some(Err(_)) => return Exit::Gone,
+                },
+                c = interrupts.next() => return close(c),
+            }
         }
+    }
+
+    /// Sends a batch from the ring; `Some` when the viewport must end
+    /// instead (its client failed, it lagged out of the ring, or it was
+    /// interrupted).
+    async fn deliver(
+        &self,
+        ws: &mut ClientWs,
+        batch: Vec<Message>,
+        cursor: u64,
+        interrupts: &mut Interrupts,
+    ) -> Option<Exit> {
+        let send = async {
+            for m in batch {
+                ws.feed(m).await?;
+            }
+            ws.flush().await
+        };
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                r = &mut send => return r.err().map(|_| Exit::Gone),
+                _ = self.handle.lagged.notified() => {
+                    // A stale wake-up is possible; only a real gap counts.
+                    if matches!(self.hub.ring().next_for(cursor, 0), Next::Lagged) {
+                        return Some(lagged());
+                    }
+                }
+                c = interrupts.next() => return Some(close(c)),
+            }
+        }
+    }
+
+    /// A data frame from the client: upstream if this viewport owns the
+    /// session (claiming free ownership), else the `session_not_owned`
+    /// notice. Waits on a slow runtime or a client that does not read.
+    async fn forward(&self, ws: &mut ClientWs, m: Message) -> Result<(), Exit> {
+        let owns = self.hub.ring().may_write(self.id);
+        if owns {
+            self.hub
+                .send_upstream(m)
+                .await
+                .map_err(|()| close(close::UPSTREAM_GONE))
+        } else {
+            ws.send(Message::text(NOT_OWNED))
+                .await
+                .map_err(|_| Exit::Gone)
+        }
+    }
+}
+
+impl Drop for Viewport {
+    fn drop(&mut self) {
+        self.hub.detach(self.id);
     }
 }

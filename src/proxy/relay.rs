@@ -24,30 +24,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::frames::{self, Event, FrameTracker, MAX_HEADER};
-
-/// A close the gateway itself decided on (revocation, shutdown, limits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CloseCmd {
-    pub code: u16,
-    pub reason: &'static str,
-}
-
-pub const GOING_AWAY: CloseCmd = CloseCmd {
-    code: 1001,
-    reason: "going_away",
-};
-pub const UPSTREAM_GONE: CloseCmd = CloseCmd {
-    code: 1014,
-    reason: "upstream_unavailable",
-};
-pub const TOO_BIG: CloseCmd = CloseCmd {
-    code: 1009,
-    reason: "message_too_big",
-};
-pub const PROTOCOL: CloseCmd = CloseCmd {
-    code: 1002,
-    reason: "protocol_error",
-};
+use crate::sockets::close::{self, Close, GOING_AWAY, TOO_BIG, UPSTREAM_GONE};
 
 /// How long a peer gets to answer our close frame before the TCP goes.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -68,13 +45,23 @@ pub struct RelayConfig {
 
 /// How a relayed connection ended, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
+pub enum Outcome {
     /// The peers closed (the close code, if any, passed through unchanged).
     Peers,
     /// The gateway closed the client with this code.
     Gateway(u16),
     /// A socket failed or a peer stopped answering.
     Dropped,
+}
+
+impl Outcome {
+    /// The close code the gateway sent the client, if it sent one.
+    pub fn gateway_code(self) -> Option<u16> {
+        match self {
+            Outcome::Gateway(code) => Some(code),
+            Outcome::Peers | Outcome::Dropped => None,
+        }
+    }
 }
 
 thread_local! {
@@ -251,13 +238,13 @@ struct Relay {
     u2c: Dir,
     cfg: RelayConfig,
     /// Set once the connection is ending: until then, how it ended so far.
-    closing: Option<(Instant, Ended)>,
+    closing: Option<(Instant, Outcome)>,
     /// A close frame owed to the client once the frame in flight ends.
-    owe_client: Option<CloseCmd>,
+    owe_client: Option<Close>,
     /// The peers started a close handshake; it must finish by then.
     peer_close_deadline: Option<Instant>,
     /// The gateway's close decision, until it arrives or closing begins.
-    close_rx: Option<oneshot::Receiver<CloseCmd>>,
+    close_rx: Option<oneshot::Receiver<Close>>,
 }
 
 impl Relay {
@@ -268,15 +255,15 @@ impl Relay {
     /// Ends the connection on the gateway's initiative: a close frame to
     /// both peers (the client's waits for the frame in flight to end).
     /// Only the first decision counts; the deadline never moves later.
-    fn begin_close(&mut self, cmd: CloseCmd) {
+    fn begin_close(&mut self, cmd: Close) {
         if self.closing() {
             return;
         }
-        let mut ended = Ended::Dropped;
+        let mut ended = Outcome::Dropped;
         if !self.u2c.saw_close {
             let frame = frames::close_frame(cmd.code, cmd.reason, false);
             if self.u2c.inject(&self.client, &frame) {
-                ended = Ended::Gateway(cmd.code);
+                ended = Outcome::Gateway(cmd.code);
             } else {
                 self.owe_client = Some(cmd);
             }
@@ -300,7 +287,7 @@ impl Relay {
             );
         }
         if !self.closing() {
-            self.closing = Some((Instant::now(), Ended::Peers));
+            self.closing = Some((Instant::now(), Outcome::Peers));
         }
     }
 
@@ -314,7 +301,7 @@ impl Relay {
             if self.u2c.inject(&self.client, &frame)
                 && let Some((_, ended)) = self.closing.as_mut()
             {
-                *ended = Ended::Gateway(cmd.code);
+                *ended = Outcome::Gateway(cmd.code);
             }
         }
     }
@@ -322,12 +309,12 @@ impl Relay {
     fn on_event(&mut self, ev: Event) {
         self.begin_close(match ev {
             Event::TooBig => TOO_BIG,
-            Event::Protocol => PROTOCOL,
+            Event::Protocol => close::PROTOCOL_ERROR,
         });
     }
 
     /// Pings a quiet peer; reports a peer that stopped answering.
-    fn keepalive(&mut self, now: Instant) -> Option<CloseCmd> {
+    fn keepalive(&mut self, now: Instant) -> Option<Close> {
         if self.cfg.ping_interval.is_zero() {
             return None;
         }
@@ -404,7 +391,7 @@ fn ping_one(
 
 /// Relays until the connection ends. `close_rx` delivers a gateway decision
 /// (revocation, expiry, and at shutdown `1001` through
-/// [`crate::gate::registry::Registry::close_all`]).
+/// [`crate::sockets::Registry::close_all`]).
 ///
 /// Not an `async fn`: the set-up runs here, and the returned future holds
 /// only the relay's state and its timer (its size is what an idle
@@ -412,8 +399,8 @@ fn ping_one(
 pub fn relay(
     pair: Pair,
     cfg: RelayConfig,
-    close_rx: oneshot::Receiver<CloseCmd>,
-) -> impl Future<Output = Ended> + Send {
+    close_rx: oneshot::Receiver<Close>,
+) -> impl Future<Output = Outcome> + Send {
     let Pair {
         client,
         client_early,
@@ -491,7 +478,7 @@ impl Relay {
     /// `poll_*_ready` keeps one waker slot per direction in the socket's
     /// registration. Branches are taken one at a time in priority order,
     /// then every condition is re-evaluated, as a biased `select!` would.
-    fn poll_run(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<Ended> {
+    fn poll_run(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<Outcome> {
         loop {
             let closing = self.closing();
             let read_client = self.c2u.pending.is_empty() && !self.c2u.src_eof;
@@ -524,7 +511,7 @@ impl Relay {
             {
                 if res.and_then(|()| self.c2u.flush(&self.upstream)).is_err() {
                     if closing {
-                        return Poll::Ready(self.closing.map_or(Ended::Dropped, |c| c.1));
+                        return Poll::Ready(self.closing.map_or(Outcome::Dropped, |c| c.1));
                     }
                     self.begin_close(UPSTREAM_GONE);
                 }
@@ -535,7 +522,7 @@ impl Relay {
             {
                 if res.and_then(|()| self.u2c.flush(&self.client)).is_err() {
                     self.client_gone();
-                    return Poll::Ready(self.closing.map_or(Ended::Dropped, |c| c.1));
+                    return Poll::Ready(self.closing.map_or(Outcome::Dropped, |c| c.1));
                 }
                 self.settle_owed_close();
                 continue;
@@ -553,7 +540,7 @@ impl Relay {
                             && self.u2c.pending.is_empty()
                             && self.owe_client.is_none()
                         {
-                            return Poll::Ready(self.closing.map_or(Ended::Peers, |c| c.1));
+                            return Poll::Ready(self.closing.map_or(Outcome::Peers, |c| c.1));
                         }
                         if self.c2u.saw_close && self.peer_close_deadline.is_none() {
                             self.peer_close_deadline = Some(Instant::now() + PEER_CLOSE_WAIT);
@@ -590,9 +577,9 @@ impl Relay {
                         self.u2c.src_eof = true;
                         if self.u2c.saw_close {
                             // Normal end: the runtime closed after its close frame.
-                            self.closing = Some((Instant::now() + CLOSE_WAIT, Ended::Peers));
+                            self.closing = Some((Instant::now() + CLOSE_WAIT, Outcome::Peers));
                             if self.u2c.pending.is_empty() {
-                                return Poll::Ready(Ended::Peers);
+                                return Poll::Ready(Outcome::Peers);
                             }
                         } else {
                             self.begin_close(UPSTREAM_GONE);
@@ -601,7 +588,7 @@ impl Relay {
                     Step::Event(ev) => self.on_event(ev),
                     Step::DstGone => {
                         self.client_gone();
-                        return Poll::Ready(self.closing.map_or(Ended::Dropped, |c| c.1));
+                        return Poll::Ready(self.closing.map_or(Outcome::Dropped, |c| c.1));
                     }
                 }
                 continue;
@@ -614,11 +601,11 @@ impl Relay {
                     return Poll::Ready(ended);
                 }
                 if self.peer_close_deadline.is_some_and(|d| now >= d) {
-                    return Poll::Ready(Ended::Peers);
+                    return Poll::Ready(Outcome::Peers);
                 }
                 if let Some(gone) = self.keepalive(now) {
                     if closing {
-                        return Poll::Ready(Ended::Dropped);
+                        return Poll::Ready(Outcome::Dropped);
                     }
                     self.begin_close(gone);
                 }

@@ -4,6 +4,7 @@
 //! header's `kid` picks among the current and previous keys so keys rotate
 //! without logging everybody out.
 
+pub mod credentials;
 pub mod keys;
 
 use std::collections::HashMap;

@@ -1,4 +1,4 @@
-//! Background work that keeps open sockets honest:
+//! Background work that keeps this instance's open sockets honest:
 //!
 //! - **revocations**: a session ended on any instance → close its sockets
 //!   here (the fast path, via the store's pub/sub);
@@ -16,13 +16,14 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::app::App;
-use crate::session::{EndReason, Liveness, SessionStore};
-use crate::telemetry::ReasonLabel;
+use crate::hub::Hubs;
+use crate::session::{EndReason, Liveness, SessionStore, Store};
+use crate::sockets::Sockets;
+use crate::telemetry::{Metrics, ReasonLabel};
 use crate::time::now_unix;
 
-/// A socket's store lease; a dead instance's sockets stop counting after it.
-pub const LEASE: Duration = Duration::from_secs(30);
+/// Renewed well within `sockets::LEASE`, so two renewals can fail before a
+/// live socket stops counting.
 const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// Expiry must close sockets within one second (SPEC §5).
 const SWEEP_TICK: Duration = Duration::from_millis(250);
@@ -34,34 +35,48 @@ const SWEEP_BATCH: usize = 500;
 const UNLINKED_HUB_TTL: Duration = Duration::from_secs(30);
 const RENEW_CONCURRENCY: usize = 32;
 
-pub fn spawn(app: Arc<App>) {
-    let wake = Arc::new(Notify::new());
-    tokio::spawn(revocations(app.clone(), wake.clone()));
-    tokio::spawn(sweep(app.clone(), wake));
-    tokio::spawn(renew(app));
+/// What the maintenance tasks work on.
+#[derive(Clone)]
+pub struct Maintenance {
+    pub store: Arc<Store>,
+    pub sockets: Sockets,
+    pub hubs: Hubs,
+    pub metrics: Arc<Metrics>,
 }
 
-fn count_end(app: &App, reason: EndReason) {
+/// Starts the three tasks on the current runtime; each ends when shutdown
+/// begins.
+pub fn spawn(m: Maintenance) {
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(revocations(m.clone(), wake.clone()));
+    tokio::spawn(sweep(m.clone(), wake));
+    tokio::spawn(renew(m));
+}
+
+fn count_end(m: &Maintenance, reason: EndReason) {
     let reason = match reason {
         EndReason::Revoked => "revoked",
         EndReason::Expired => "expired",
     };
-    app.metrics
+    m.metrics
         .sessions_revoked
         .get_or_create(&ReasonLabel { reason })
         .inc();
 }
 
-async fn revocations(app: Arc<App>, wake: Arc<Notify>) {
-    let mut rx = app.store.revocations();
+async fn revocations(m: Maintenance, wake: Arc<Notify>) {
+    let mut rx = m.store.revocations();
     loop {
         let msg = tokio::select! {
             m = rx.recv() => m,
-            _ = app.shutdown.begun() => return,
+            _ = m.sockets.shutdown().begun() => return,
         };
         match msg {
             Ok(rev) => {
-                let n = app.registry.close_session(&rev.session_id, rev.reason);
+                let n = m
+                    .sockets
+                    .registry()
+                    .close_session(&rev.session_id, rev.reason);
                 if n > 0 {
                     tracing::info!(session = %rev.session_id, sockets = n, "closing sockets of ended session");
                 }
@@ -73,7 +88,7 @@ async fn revocations(app: Arc<App>, wake: Arc<Notify>) {
     }
 }
 
-async fn sweep(app: Arc<App>, wake: Arc<Notify>) {
+async fn sweep(m: Maintenance, wake: Arc<Notify>) {
     let mut tick = tokio::time::interval(SWEEP_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u32 = 0;
@@ -81,28 +96,30 @@ async fn sweep(app: Arc<App>, wake: Arc<Notify>) {
         let full = tokio::select! {
             _ = tick.tick() => { n = n.wrapping_add(1); n % FULL_SWEEP_TICKS == 0 }
             _ = wake.notified() => true,
-            _ = app.shutdown.begun() => return,
+            _ = m.sockets.shutdown().begun() => return,
         };
         if full {
-            app.hubs.prune_unlinked(UNLINKED_HUB_TTL);
+            m.hubs.prune_unlinked(UNLINKED_HUB_TTL);
         }
         let due_by = (!full).then(now_unix);
-        let rows = app.registry.snapshot(due_by);
+        let rows = m.sockets.registry().snapshot(due_by);
         for chunk in rows.chunks(SWEEP_BATCH) {
             let ids: Vec<String> = chunk.iter().map(|r| r.session_id.clone()).collect();
-            let Ok(states) = app.store.liveness(&ids).await else {
+            let Ok(states) = m.store.liveness(&ids).await else {
                 // Store down: existing sockets stay open (we cannot tell a
                 // revoked session from a healthy one); the next tick retries.
-                app.metrics.store_errors.inc();
+                m.metrics.store_errors.inc();
                 break;
             };
             for (id, state) in ids.iter().zip(states) {
                 match state {
-                    Liveness::Alive { expires_at } => app.registry.set_expiry(id, expires_at),
+                    Liveness::Alive { expires_at } => {
+                        m.sockets.registry().set_expiry(id, expires_at)
+                    }
                     Liveness::Gone(reason) => {
-                        if app.registry.close_session(id, reason) > 0 {
+                        if m.sockets.registry().close_session(id, reason) > 0 {
                             if reason == EndReason::Expired {
-                                count_end(&app, reason);
+                                count_end(&m, reason);
                             }
                             tracing::info!(session = %id, ?reason, "sweep closed sockets of ended session");
                         }
@@ -113,26 +130,25 @@ async fn sweep(app: Arc<App>, wake: Arc<Notify>) {
     }
 }
 
-async fn renew(app: Arc<App>) {
+async fn renew(m: Maintenance) {
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = app.shutdown.begun() => return,
+            _ = m.sockets.shutdown().begun() => return,
         }
-        let rows = app.registry.snapshot(None);
+        let rows = m.sockets.registry().snapshot(None);
         futures_util::stream::iter(rows)
             .for_each_concurrent(RENEW_CONCURRENCY, |row| {
-                let app = app.clone();
+                let m = m.clone();
                 async move {
-                    if app
-                        .store
-                        .renew(&row.session_id, &row.conn_ids, LEASE)
+                    if m.store
+                        .renew(&row.session_id, &row.conn_ids, crate::sockets::LEASE)
                         .await
                         .is_err()
                     {
-                        app.metrics.store_errors.inc();
+                        m.metrics.store_errors.inc();
                     }
                 }
             })

@@ -1,5 +1,11 @@
 //! The sockets open on this instance, by session, so a revocation or expiry
-//! can close them, and so their store leases can be renewed.
+//! can close them and their store leases can be renewed; and the
+//! gateway-wide socket limit.
+//!
+//! Two kinds of watcher register here, told apart by type: a client
+//! [socket](Registry::register_socket) holds a store lease (renewed, counted
+//! in `connections`), a shared-session [hub](Registry::register_hub) holds
+//! none and ends through its own shutdown watch.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -7,34 +13,48 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use crate::proxy::relay::CloseCmd;
+use super::close::{self, Close};
 use crate::session::EndReason;
 
-/// Ids of registry entries that hold no store lease. Lease ids are
-/// URL-safe base64 and never contain ':'.
-pub const UNLEASED_PREFIX: &str = "hub:";
+/// How a registered watcher is told to close.
+pub type CloseRx = oneshot::Receiver<Close>;
 
+/// Identifies a hub in the registry; unique per process, so an old hub's
+/// teardown can never unregister its successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HubId(pub u64);
+
+#[derive(Default)]
 struct SessionConns {
     /// When the session expires as far as we last heard (Unix seconds).
     expires_at: i64,
-    /// Lease id → how to tell that socket to close.
-    conns: HashMap<String, oneshot::Sender<CloseCmd>>,
+    /// Lease id → how to tell that client socket to close.
+    sockets: HashMap<String, oneshot::Sender<Close>>,
+    /// The session's hubs on this instance (no store lease).
+    hubs: HashMap<HubId, oneshot::Sender<Close>>,
+}
+
+impl SessionConns {
+    fn is_empty(&self) -> bool {
+        self.sockets.is_empty() && self.hubs.is_empty()
+    }
 }
 
 /// A snapshot row for the maintenance tasks.
 pub struct SessionSnapshot {
     pub session_id: String,
+    /// Lease ids of the client sockets (hubs hold no lease).
     pub conn_ids: Vec<String>,
     pub expires_at: i64,
 }
 
 /// Under one lock, so a socket registering while shutdown begins is either
-/// told by [`Registry::close_all`] or told at once by `register`.
+/// told by [`Registry::close_all`] or told at once by `register_socket`.
 #[derive(Default)]
 struct Sessions {
     map: HashMap<String, SessionConns>,
     /// Set by `close_all`: every later socket is closed as it registers.
-    going_away: Option<CloseCmd>,
+    going_away: Option<Close>,
 }
 
 pub struct Registry {
@@ -79,76 +99,75 @@ impl Registry {
         self.open.load(Ordering::Acquire)
     }
 
-    pub fn register(
-        &self,
+    fn entry<'a>(
+        sessions: &'a mut Sessions,
         session_id: &str,
-        conn_id: &str,
         expires_at: i64,
-    ) -> oneshot::Receiver<CloseCmd> {
+    ) -> &'a mut SessionConns {
+        let entry = sessions.map.entry(session_id.to_string()).or_default();
+        entry.expires_at = entry.expires_at.max(expires_at);
+        entry
+    }
+
+    /// Registers a client socket under its lease id.
+    pub fn register_socket(&self, session_id: &str, conn_id: &str, expires_at: i64) -> CloseRx {
         let (tx, rx) = oneshot::channel();
         let mut sessions = self.sessions();
-        if let Some(cmd) = sessions.going_away
-            && !conn_id.starts_with(UNLEASED_PREFIX)
-        {
+        if let Some(cmd) = sessions.going_away {
             let _ = tx.send(cmd);
             return rx;
         }
-        let entry = sessions
-            .map
-            .entry(session_id.to_string())
-            .or_insert_with(|| SessionConns {
-                expires_at,
-                conns: HashMap::new(),
-            });
-        entry.expires_at = entry.expires_at.max(expires_at);
-        entry.conns.insert(conn_id.to_string(), tx);
+        Self::entry(&mut sessions, session_id, expires_at)
+            .sockets
+            .insert(conn_id.to_string(), tx);
         rx
     }
 
-    /// Registers a watcher that holds no store lease (a shared-session hub):
-    /// revocation and the sweep reach it, lease renewal skips it.
-    pub fn register_unleased(
-        &self,
-        session_id: &str,
-        watcher_id: &str,
-        expires_at: i64,
-    ) -> oneshot::Receiver<CloseCmd> {
-        debug_assert!(watcher_id.starts_with(UNLEASED_PREFIX));
-        self.register(session_id, watcher_id, expires_at)
+    /// Registers a shared-session hub: revocation and the sweep reach it,
+    /// lease renewal and [`Registry::close_all`] skip it.
+    pub fn register_hub(&self, session_id: &str, hub: HubId, expires_at: i64) -> CloseRx {
+        let (tx, rx) = oneshot::channel();
+        let mut sessions = self.sessions();
+        Self::entry(&mut sessions, session_id, expires_at)
+            .hubs
+            .insert(hub, tx);
+        rx
     }
 
-    pub fn unregister(&self, session_id: &str, conn_id: &str) {
+    fn remove_where(&self, session_id: &str, remove: impl FnOnce(&mut SessionConns)) {
         let mut sessions = self.sessions();
         if let Some(entry) = sessions.map.get_mut(session_id) {
-            entry.conns.remove(conn_id);
-            if entry.conns.is_empty() {
+            remove(entry);
+            if entry.is_empty() {
                 sessions.map.remove(session_id);
             }
         }
     }
 
-    /// Tells every socket (not hubs: they watch shutdown themselves) to
-    /// close with `cmd`, now and as each later one registers. Used when
+    pub fn unregister_socket(&self, session_id: &str, conn_id: &str) {
+        self.remove_where(session_id, |e| {
+            e.sockets.remove(conn_id);
+        });
+    }
+
+    pub fn unregister_hub(&self, session_id: &str, hub: HubId) {
+        self.remove_where(session_id, |e| {
+            e.hubs.remove(&hub);
+        });
+    }
+
+    /// Tells every client socket (not hubs: they watch shutdown themselves)
+    /// to close with `cmd`, now and as each later one registers. Used when
     /// shutdown begins: a socket then needs no shutdown future of its own,
     /// which would be one more waiter on a process-wide lock per relay step.
-    pub fn close_all(&self, cmd: CloseCmd) -> usize {
+    pub fn close_all(&self, cmd: Close) -> usize {
         let mut told = Vec::new();
         {
             let mut sessions = self.sessions();
             sessions.going_away = Some(cmd);
             sessions.map.retain(|_, entry| {
-                let ids: Vec<String> = entry
-                    .conns
-                    .keys()
-                    .filter(|id| !id.starts_with(UNLEASED_PREFIX))
-                    .cloned()
-                    .collect();
-                for id in ids {
-                    if let Some(tx) = entry.conns.remove(&id) {
-                        told.push(tx);
-                    }
-                }
-                !entry.conns.is_empty()
+                told.extend(entry.sockets.drain().map(|(_, tx)| tx));
+                !entry.is_empty()
             });
         }
         let n = told.len();
@@ -158,17 +177,14 @@ impl Registry {
         n
     }
 
-    /// Closes every local socket of a session with `1008` and the reason;
-    /// returns how many were told.
+    /// Closes every local socket and hub of a session with the close for
+    /// `reason`; returns how many were told.
     pub fn close_session(&self, session_id: &str, reason: EndReason) -> usize {
         let removed = self.sessions().map.remove(session_id);
         let Some(entry) = removed else { return 0 };
-        let cmd = CloseCmd {
-            code: 1008,
-            reason: reason.close_reason(),
-        };
-        let n = entry.conns.len();
-        for (_, tx) in entry.conns {
+        let cmd = close::session_ended(reason);
+        let n = entry.sockets.len() + entry.hubs.len();
+        for tx in entry.sockets.into_values().chain(entry.hubs.into_values()) {
             let _ = tx.send(cmd);
         }
         n
@@ -180,8 +196,8 @@ impl Registry {
         }
     }
 
-    /// Sessions with sockets here; `due_by` keeps only those whose known
-    /// expiry is at or before it (Unix seconds).
+    /// Sessions with sockets or hubs here; `due_by` keeps only those whose
+    /// known expiry is at or before it (Unix seconds).
     pub fn snapshot(&self, due_by: Option<i64>) -> Vec<SessionSnapshot> {
         let sessions = self.sessions();
         sessions
@@ -190,12 +206,7 @@ impl Registry {
             .filter(|(_, e)| due_by.is_none_or(|t| e.expires_at <= t))
             .map(|(sid, e)| SessionSnapshot {
                 session_id: sid.clone(),
-                conn_ids: e
-                    .conns
-                    .keys()
-                    .filter(|id| !id.starts_with(UNLEASED_PREFIX))
-                    .cloned()
-                    .collect(),
+                conn_ids: e.sockets.keys().cloned().collect(),
                 expires_at: e.expires_at,
             })
             .collect()
@@ -223,9 +234,9 @@ mod tests {
     #[test]
     fn close_session_tells_every_socket_once() {
         let r = Registry::new(10);
-        let mut a = r.register("s1", "c1", 100);
-        let mut b = r.register("s1", "c2", 100);
-        let mut other = r.register("s2", "c3", 100);
+        let mut a = r.register_socket("s1", "c1", 100);
+        let mut b = r.register_socket("s1", "c2", 100);
+        let mut other = r.register_socket("s2", "c3", 100);
         assert_eq!(r.close_session("s1", EndReason::Revoked), 2);
         assert_eq!(a.try_recv().unwrap().reason, "session_revoked");
         assert_eq!(b.try_recv().unwrap().code, 1008);
@@ -238,17 +249,40 @@ mod tests {
     #[test]
     fn close_all_tells_sockets_now_and_later_but_not_hubs() {
         let r = Registry::new(10);
-        let mut a = r.register("s1", "c1", 100);
-        let mut hub = r.register_unleased("s1", "hub:x:1", 100);
-        let bye = crate::proxy::relay::GOING_AWAY;
+        let mut a = r.register_socket("s1", "c1", 100);
+        let mut hub = r.register_hub("s1", HubId(1), 100);
+        let bye = close::GOING_AWAY;
         assert_eq!(r.close_all(bye), 1);
         assert_eq!(a.try_recv().unwrap(), bye);
         assert!(
             hub.try_recv().is_err(),
             "hubs end through their own shutdown watch"
         );
-        let mut late = r.register("s2", "c2", 100);
+        let mut late = r.register_socket("s2", "c2", 100);
         assert_eq!(late.try_recv().unwrap(), bye);
         assert_eq!(r.session_count(), 1, "only the hub is still registered");
+    }
+
+    #[test]
+    fn hubs_are_revoked_but_hold_no_lease() {
+        let r = Registry::new(10);
+        let _a = r.register_socket("s1", "c1", 100);
+        let mut hub = r.register_hub("s1", HubId(7), 100);
+        let rows = r.snapshot(None);
+        assert_eq!(rows[0].conn_ids, vec!["c1".to_string()], "no hub lease");
+        assert_eq!(r.close_session("s1", EndReason::Expired), 2);
+        assert_eq!(hub.try_recv().unwrap(), close::SESSION_EXPIRED);
+    }
+
+    #[test]
+    fn unregistering_the_last_watcher_forgets_the_session() {
+        let r = Registry::new(10);
+        let _a = r.register_socket("s1", "c1", 100);
+        let _h = r.register_hub("s1", HubId(2), 100);
+        r.unregister_hub("s1", HubId(3));
+        r.unregister_socket("s1", "c1");
+        assert_eq!(r.session_count(), 1, "hub 2 is still there");
+        r.unregister_hub("s1", HubId(2));
+        assert_eq!(r.session_count(), 0);
     }
 }
