@@ -29,13 +29,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use support::gateway::{Gateway, PASSWORD, SIGNING_KEY, password_hash};
-use support::http::{self as api, Resp, bearer, login};
+use support::gateway::{Gateway, PASSWORD, SIGNING_KEY, config, config_with, static_auth};
+use support::http::{self as api, Resp, call, get_session, login, refresh, try_login};
+use support::key_fixture;
 use support::redis::RedisServer;
+use support::wait::eventually;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 /// Every test finishes within this, or fails instead of hanging the run.
@@ -50,40 +52,6 @@ async fn bounded<F: Future>(test: F) -> F::Output {
     tokio::time::timeout(TEST_BUDGET, test)
         .await
         .expect("test exceeded its time budget")
-}
-
-// ---------------------------------------------------------------------------
-// Config
-
-/// A static `[auth]` with users alice and bob (password [`PASSWORD`]) and
-/// `keys` (e.g. `login_attempts_per_minute = 3`) in the `[auth]` table.
-fn static_auth(keys: &str) -> String {
-    let hash = password_hash();
-    format!(
-        "[auth]\nkind = \"static\"\n{keys}\n\
-         [[auth.users]]\nusername = \"alice\"\npassword_hash = \"{hash}\"\n\
-         [[auth.users]]\nusername = \"bob\"\npassword_hash = \"{hash}\"\n"
-    )
-}
-
-/// Sessions in `redis` under prefix `pt`, `sessions` added to `[sessions]`,
-/// then `auth` (a whole `[auth]` table) and `extra` (`[tokens]`, routes).
-fn config(redis: &RedisServer, sessions: &str, auth: &str, extra: &str) -> String {
-    format!(
-        "[sessions]\nstore = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"pt\"\n{sessions}\n\n{auth}\n{extra}\n",
-        redis.url()
-    )
-}
-
-fn plain_config(redis: &RedisServer) -> String {
-    config(redis, "", &static_auth(""), "")
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/keys")
-        .join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
 // ---------------------------------------------------------------------------
@@ -145,63 +113,19 @@ async fn stored_user(redis: &RedisServer, sid: &str) -> Option<String> {
 // ---------------------------------------------------------------------------
 // HTTP
 
-async fn call(gw: &Gateway, method: &str, path: &str, token: &str) -> Resp {
-    api::request(
-        gw.addr,
-        method,
-        path,
-        &[("authorization", &bearer(token))],
-        None,
-    )
-    .await
-}
-
-async fn get_session(gw: &Gateway, sid: &str, token: &str) -> Resp {
-    call(gw, "GET", &format!("/api/session/{sid}"), token).await
-}
-
-async fn refresh(gw: &Gateway, token: &str) -> Resp {
-    call(gw, "POST", "/api/auth/refresh", token).await
-}
-
-async fn try_login(addr: SocketAddr, user: &str, password: &str) -> Resp {
-    api::post_json(
-        addr,
-        "/api/auth/login",
-        &json!({ "username": user, "password": password }),
-    )
-    .await
-}
-
 /// A login attempt whose TCP connection comes from `from` (any address in
 /// 127/8 is local on Linux), so the gateway sees a distinct client IP.
 async fn login_from(addr: SocketAddr, from: IpAddr, user: &str, password: &str) -> Resp {
     let body = json!({ "username": user, "password": password }).to_string();
-    tokio::time::timeout(Duration::from_secs(15), async {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(from, 0)).unwrap();
-        let stream = socket.connect(addr).await.expect("connect to gateway");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::post("/api/auth/login")
-            .header("host", addr.to_string())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        let resp = sender.send_request(req).await.expect("request");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        Resp {
-            status,
-            headers,
-            body: body.to_vec(),
-        }
-    })
+    api::request_from(
+        Some(from),
+        addr,
+        "POST",
+        "/api/auth/login",
+        &[("content-type", "application/json")],
+        Some(body.as_bytes()),
+    )
     .await
-    .expect("login attempt timed out")
 }
 
 fn local(last: u8) -> IpAddr {
@@ -380,8 +304,8 @@ async fn login_stores_the_session_sets_the_cookie_and_the_cookie_alone_authentic
         let redis = RedisServer::start().await;
         let gw = Gateway::start(
             "",
-            &config(
-                &redis,
+            &config_with(
+                Some(&redis.url()),
                 &format!("ttl_secs = {SESSION_TTL}"),
                 &static_auth(""),
                 &format!("[tokens]\nttl_secs = {TOKEN_TTL}\n"),
@@ -418,7 +342,7 @@ async fn login_stores_the_session_sets_the_cookie_and_the_cookie_alone_authentic
         );
         assert_eq!(stored_user(&redis, &sid).await.as_deref(), Some("alice"));
 
-        let r = get_session(&gw, &sid, &token).await;
+        let r = get_session(gw.addr, &sid, &token).await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let s = r.json();
         assert_eq!(s["session_id"], sid.as_str());
@@ -453,7 +377,7 @@ async fn login_stores_the_session_sets_the_cookie_and_the_cookie_alone_authentic
 async fn refused_and_malformed_logins_create_nothing_and_every_error_is_json() {
     bounded(async {
         let redis = RedisServer::start().await;
-        let gw = Gateway::start("", &plain_config(&redis));
+        let gw = Gateway::start("", &config(Some(&redis.url()), ""));
         let keys_before = redis_keys(&redis).await;
 
         let r = try_login(gw.addr, "alice", "not the password").await;
@@ -532,7 +456,7 @@ async fn ten_failures_lock_the_username_and_the_ip_even_for_the_right_password()
     bounded(async {
         let redis = RedisServer::start().await;
         // The SPEC default (10 per minute): no override.
-        let gw = Gateway::start("", &plain_config(&redis));
+        let gw = Gateway::start("", &config(Some(&redis.url()), ""));
         let attacker = local(1);
         for i in 0..10 {
             let r = login_from(gw.addr, attacker, "alice", &format!("guess-{i}")).await;
@@ -565,8 +489,8 @@ async fn one_ip_spraying_many_usernames_is_limited_by_ip() {
         let redis = RedisServer::start().await;
         let gw = Gateway::start(
             "",
-            &config(
-                &redis,
+            &config_with(
+                Some(&redis.url()),
                 "",
                 &static_auth("login_attempts_per_minute = 3"),
                 "",
@@ -594,8 +518,8 @@ async fn one_username_guessed_from_many_ips_is_limited_by_username() {
         let redis = RedisServer::start().await;
         let gw = Gateway::start(
             "",
-            &config(
-                &redis,
+            &config_with(
+                Some(&redis.url()),
                 "",
                 &static_auth("login_attempts_per_minute = 3"),
                 "",
@@ -622,8 +546,8 @@ async fn zero_login_attempts_per_minute_never_limits() {
         let redis = RedisServer::start().await;
         let gw = Gateway::start(
             "",
-            &config(
-                &redis,
+            &config_with(
+                Some(&redis.url()),
                 "",
                 &static_auth("login_attempts_per_minute = 0"),
                 "",
@@ -644,7 +568,10 @@ async fn zero_login_attempts_per_minute_never_limits() {
 
 /// `token` gets 401 `code` from both GET /api/session/{sid} and refresh.
 async fn assert_refused(gw: &Gateway, sid: &str, token: &str, code: &str, what: &str) {
-    for r in [get_session(gw, sid, token).await, refresh(gw, token).await] {
+    for r in [
+        get_session(gw.addr, sid, token).await,
+        refresh(gw.addr, token).await,
+    ] {
         assert_eq!(
             (r.status, r.error().as_str()),
             (401, code),
@@ -659,21 +586,18 @@ async fn assert_refused(gw: &Gateway, sid: &str, token: &str, code: &str, what: 
 async fn forged_unsigned_confused_expired_and_misaddressed_tokens_get_401_with_their_code() {
     bounded(async {
         let redis = RedisServer::start().await;
-        let gw = Gateway::start("", &plain_config(&redis));
-        let sid = login(gw.addr, "alice").await["session_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let gw = Gateway::start("", &config(Some(&redis.url()), ""));
+        let sid = login(gw.addr, "alice").await.sid;
         let good = claims(&sid, "alice");
 
         // Control: a token built here the way the gateway builds its own is
         // accepted, so each refusal below is due to the one thing changed.
         let control = hs256(SIGNING_KEY.as_bytes(), "k1", &good);
-        assert_eq!(get_session(&gw, &sid, &control).await.status, 200);
-        assert_eq!(refresh(&gw, &control).await.status, 200);
+        assert_eq!(get_session(gw.addr, &sid, &control).await.status, 200);
+        assert_eq!(refresh(gw.addr, &control).await.status, 200);
 
         let other_key = b"another-signing-key-0123456789abcdef-xyz";
-        let rsa = EncodingKey::from_rsa_pem(&fixture("rsa_a.pem")).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(&key_fixture("rsa_a.pem")).unwrap();
         let mut expired = good.clone();
         expired["iat"] = json!(now_unix() - 1000);
         expired["exp"] = json!(now_unix() - 120);
@@ -708,7 +632,7 @@ async fn forged_unsigned_confused_expired_and_misaddressed_tokens_get_401_with_t
             ),
             (
                 "HS256 keyed with an RSA public key",
-                hs256(&fixture("rsa_a_public.pem"), "k1", &good),
+                hs256(&key_fixture("rsa_a_public.pem"), "k1", &good),
                 "invalid_token",
             ),
             (
@@ -756,7 +680,7 @@ async fn forged_unsigned_confused_expired_and_misaddressed_tokens_get_401_with_t
             assert_error(&r, 401, "missing_token");
         }
         // The session itself was never harmed.
-        assert_eq!(get_session(&gw, &sid, &control).await.status, 200);
+        assert_eq!(get_session(gw.addr, &sid, &control).await.status, 200);
     })
     .await;
 }
@@ -769,8 +693,8 @@ async fn an_rs256_gateway_refuses_hs256_tokens_keyed_with_its_public_key() {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys/rsa_a.pem");
         let gw = Gateway::start(
             "",
-            &config(
-                &redis,
+            &config_with(
+                Some(&redis.url()),
                 "",
                 &static_auth(""),
                 &format!(
@@ -780,8 +704,8 @@ async fn an_rs256_gateway_refuses_hs256_tokens_keyed_with_its_public_key() {
             ),
         );
         let issued = login(gw.addr, "alice").await;
-        let sid = issued["session_id"].as_str().unwrap().to_string();
-        let real = issued["session_token"].as_str().unwrap();
+        let sid = issued.sid.clone();
+        let real = issued.token.as_str();
         assert_eq!(
             jsonwebtoken::decode_header(real).unwrap().alg,
             Algorithm::RS256
@@ -790,19 +714,19 @@ async fn an_rs256_gateway_refuses_hs256_tokens_keyed_with_its_public_key() {
         let control = sign(
             Algorithm::RS256,
             "k1",
-            &EncodingKey::from_rsa_pem(&fixture("rsa_a.pem")).unwrap(),
+            &EncodingKey::from_rsa_pem(&key_fixture("rsa_a.pem")).unwrap(),
             &good,
         );
-        assert_eq!(get_session(&gw, &sid, &control).await.status, 200);
+        assert_eq!(get_session(gw.addr, &sid, &control).await.status, 200);
 
         for public in ["rsa_a_public.pem", "rsa_a_public_pkcs1.pem"] {
-            let forged = hs256(&fixture(public), "k1", &good);
+            let forged = hs256(&key_fixture(public), "k1", &good);
             assert_refused(&gw, &sid, &forged, "invalid_token", public).await;
         }
         let other_rsa = sign(
             Algorithm::RS256,
             "k1",
-            &EncodingKey::from_rsa_pem(&fixture("rsa_b.pem")).unwrap(),
+            &EncodingKey::from_rsa_pem(&key_fixture("rsa_b.pem")).unwrap(),
             &good,
         );
         assert_refused(&gw, &sid, &other_rsa, "invalid_token", "another RSA key").await;
@@ -825,17 +749,17 @@ async fn an_rs256_gateway_refuses_hs256_tokens_keyed_with_its_public_key() {
 async fn another_users_session_is_not_found_for_get_and_delete() {
     bounded(async {
         let redis = RedisServer::start().await;
-        let gw = Gateway::start("", &plain_config(&redis));
+        let gw = Gateway::start("", &config(Some(&redis.url()), ""));
         let alice = login(gw.addr, "alice").await;
         let bob = login(gw.addr, "bob").await;
-        let alice_token = alice["session_token"].as_str().unwrap();
-        let bob_token = bob["session_token"].as_str().unwrap();
-        let bob_sid = bob["session_id"].as_str().unwrap();
+        let alice_token = alice.token.as_str();
+        let bob_token = bob.token.as_str();
+        let bob_sid = bob.sid.as_str();
 
-        let r = get_session(&gw, bob_sid, alice_token).await;
+        let r = get_session(gw.addr, bob_sid, alice_token).await;
         assert_error(&r, 404, "session_not_found");
         let r = call(
-            &gw,
+            gw.addr,
             "DELETE",
             &format!("/api/session/{bob_sid}"),
             alice_token,
@@ -844,11 +768,11 @@ async fn another_users_session_is_not_found_for_get_and_delete() {
         assert_error(&r, 404, "session_not_found");
         // Indistinguishable from a session that does not exist.
         let missing = "0".repeat(bob_sid.len());
-        let r = get_session(&gw, &missing, alice_token).await;
+        let r = get_session(gw.addr, &missing, alice_token).await;
         assert_error(&r, 404, "session_not_found");
 
         assert!(key_exists(&redis, &session_key(bob_sid)).await);
-        let r = get_session(&gw, bob_sid, bob_token).await;
+        let r = get_session(gw.addr, bob_sid, bob_token).await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(r.json()["user"], "bob");
     })
@@ -862,26 +786,26 @@ async fn another_users_session_is_not_found_for_get_and_delete() {
 async fn logout_ends_the_session_and_its_token() {
     bounded(async {
         let redis = RedisServer::start().await;
-        let gw = Gateway::start("", &plain_config(&redis));
+        let gw = Gateway::start("", &config(Some(&redis.url()), ""));
         let issued = login(gw.addr, "alice").await;
-        let sid = issued["session_id"].as_str().unwrap();
-        let token = issued["session_token"].as_str().unwrap();
+        let sid = issued.sid.as_str();
+        let token = issued.token.as_str();
         assert!(key_exists(&redis, &session_key(sid)).await);
 
-        let r = call(&gw, "POST", "/api/auth/logout", token).await;
+        let r = call(gw.addr, "POST", "/api/auth/logout", token).await;
         assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
         assert!(!key_exists(&redis, &session_key(sid)).await);
 
         assert_refused(&gw, sid, token, "session_not_found", "after logout").await;
         for path in ["/api/auth/logout", "/api/session/create"] {
-            let r = call(&gw, "POST", path, token).await;
+            let r = call(gw.addr, "POST", path, token).await;
             assert_error(&r, 401, "session_not_found");
         }
 
         // The cookie alone logs out too.
         let issued = login(gw.addr, "alice").await;
-        let sid = issued["session_id"].as_str().unwrap();
-        let token = issued["session_token"].as_str().unwrap();
+        let sid = issued.sid.as_str();
+        let token = issued.token.as_str();
         let cookie = format!("portcullis_session={token}");
         let r = api::request(
             gw.addr,
@@ -902,32 +826,26 @@ async fn logout_ends_the_session_and_its_token() {
 async fn delete_ends_that_session_only() {
     bounded(async {
         let redis = RedisServer::start().await;
-        let gw = Gateway::start("", &plain_config(&redis));
+        let gw = Gateway::start("", &config(Some(&redis.url()), ""));
         let first = login(gw.addr, "alice").await;
         let second = login(gw.addr, "alice").await;
-        let (sid1, token1) = (
-            first["session_id"].as_str().unwrap(),
-            first["session_token"].as_str().unwrap(),
-        );
-        let (sid2, token2) = (
-            second["session_id"].as_str().unwrap(),
-            second["session_token"].as_str().unwrap(),
-        );
+        let (sid1, token1) = (first.sid.as_str(), first.token.as_str());
+        let (sid2, token2) = (second.sid.as_str(), second.token.as_str());
         assert_ne!(sid1, sid2);
 
-        let r = call(&gw, "DELETE", &format!("/api/session/{sid2}"), token1).await;
+        let r = call(gw.addr, "DELETE", &format!("/api/session/{sid2}"), token1).await;
         assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
         assert!(r.body.is_empty());
         assert!(!key_exists(&redis, &session_key(sid2)).await);
         assert_refused(&gw, sid2, token2, "session_not_found", "deleted session").await;
-        let r = get_session(&gw, sid2, token1).await;
+        let r = get_session(gw.addr, sid2, token1).await;
         assert_error(&r, 404, "session_not_found");
-        let r = call(&gw, "DELETE", &format!("/api/session/{sid2}"), token1).await;
+        let r = call(gw.addr, "DELETE", &format!("/api/session/{sid2}"), token1).await;
         assert_error(&r, 404, "session_not_found");
 
         // The caller's own session is untouched, and can delete itself.
-        assert_eq!(get_session(&gw, sid1, token1).await.status, 200);
-        let r = call(&gw, "DELETE", &format!("/api/session/{sid1}"), token1).await;
+        assert_eq!(get_session(gw.addr, sid1, token1).await.status, 200);
+        let r = call(gw.addr, "DELETE", &format!("/api/session/{sid1}"), token1).await;
         assert_eq!(r.status, 204);
         assert_refused(&gw, sid1, token1, "session_not_found", "self-deleted").await;
         assert!(session_keys(&redis).await.is_empty());
@@ -941,17 +859,17 @@ async fn refresh_issues_a_new_token_for_the_same_session_and_slides_its_expiry()
         let redis = RedisServer::start().await;
         let gw = Gateway::start(
             "",
-            &config(
-                &redis,
+            &config_with(
+                Some(&redis.url()),
                 &format!("ttl_secs = {SESSION_TTL}"),
                 &static_auth(""),
                 "",
             ),
         );
         let issued = login(gw.addr, "alice").await;
-        let sid = issued["session_id"].as_str().unwrap();
-        let token = issued["session_token"].as_str().unwrap();
-        let first_expiry = utc_time(&issued["session_expires_at"]);
+        let sid = issued.sid.as_str();
+        let token = issued.token.as_str();
+        let first_expiry = utc_time(&issued.body["session_expires_at"]);
 
         // In the store: age the session by hand, then refresh restores its TTL.
         let key = session_key(sid);
@@ -963,29 +881,31 @@ async fn refresh_issues_a_new_token_for_the_same_session_and_slides_its_expiry()
             .await
             .unwrap();
         assert!(key_ttl(&redis, &key).await <= 5);
-        let r = refresh(&gw, token).await;
+        let r = refresh(gw.addr, token).await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let ttl = key_ttl(&redis, &key).await;
         assert!(ttl > SESSION_TTL - 60, "TTL after refresh: {ttl}");
 
         // Through the API: session_expires_at moves forward as time passes.
         // Times have one-second resolution, so poll until the clock ticks.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let (body, during) = loop {
-            let before = OffsetDateTime::now_utc();
-            let r = refresh(&gw, token).await;
-            let during = (before, OffsetDateTime::now_utc());
-            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-            let body = r.json();
-            if utc_time(&body["session_expires_at"]) > first_expiry {
-                break (body, during);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "session_expires_at never slid past {first_expiry}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let (body, during) = eventually(
+            "session_expires_at sliding past the first expiry",
+            Duration::from_secs(5),
+            || async {
+                let before = OffsetDateTime::now_utc();
+                let r = refresh(gw.addr, token).await;
+                let during = (before, OffsetDateTime::now_utc());
+                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                let body = r.json();
+                let expiry = utc_time(&body["session_expires_at"]);
+                if expiry > first_expiry {
+                    Ok((body, during))
+                } else {
+                    Err(format!("{expiry}, first {first_expiry}"))
+                }
+            },
+        )
+        .await;
         let new_token = body["session_token"].as_str().unwrap();
         assert_eq!(body["session_id"], sid);
         assert_eq!(body["user"], "alice");
@@ -995,7 +915,7 @@ async fn refresh_issues_a_new_token_for_the_same_session_and_slides_its_expiry()
         utc_time(&body["expires_at"]);
 
         // The new token works and the session reports the slid expiry.
-        let r = get_session(&gw, sid, new_token).await;
+        let r = get_session(gw.addr, sid, new_token).await;
         assert_eq!(r.status, 200);
         assert_eq!(utc_time(&r.json()["expires_at"]), new_expiry);
         assert_eq!(
@@ -1011,12 +931,12 @@ async fn refresh_issues_a_new_token_for_the_same_session_and_slides_its_expiry()
 async fn session_create_adds_another_session_for_the_same_user() {
     bounded(async {
         let redis = RedisServer::start().await;
-        let gw = Gateway::start("", &plain_config(&redis));
+        let gw = Gateway::start("", &config(Some(&redis.url()), ""));
         let issued = login(gw.addr, "alice").await;
-        let sid = issued["session_id"].as_str().unwrap();
-        let token = issued["session_token"].as_str().unwrap();
+        let sid = issued.sid.as_str();
+        let token = issued.token.as_str();
 
-        let r = call(&gw, "POST", "/api/session/create", token).await;
+        let r = call(gw.addr, "POST", "/api/session/create", token).await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let created = r.json();
         let new_sid = created["session_id"].as_str().unwrap();
@@ -1028,12 +948,12 @@ async fn session_create_adds_another_session_for_the_same_user() {
 
         assert!(key_exists(&redis, &session_key(new_sid)).await);
         assert_eq!(stored_user(&redis, new_sid).await.as_deref(), Some("alice"));
-        let r = get_session(&gw, new_sid, new_token).await;
+        let r = get_session(gw.addr, new_sid, new_token).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["state"], "CREATED");
         // Both sessions are alice's, and both live.
-        assert_eq!(get_session(&gw, sid, new_token).await.status, 200);
-        assert_eq!(get_session(&gw, sid, token).await.status, 200);
+        assert_eq!(get_session(gw.addr, sid, new_token).await.status, 200);
+        assert_eq!(get_session(gw.addr, sid, token).await.status, 200);
         assert_eq!(session_keys(&redis).await.len(), 2);
     })
     .await;
@@ -1046,10 +966,10 @@ async fn session_create_adds_another_session_for_the_same_user() {
 async fn redis_outage_gives_503_and_the_same_process_recovers() {
     bounded(async {
         let mut redis = RedisServer::start().await;
-        let gw = Gateway::start("", &plain_config(&redis));
+        let gw = Gateway::start("", &config(Some(&redis.url()), ""));
         let issued = login(gw.addr, "alice").await;
-        let sid = issued["session_id"].as_str().unwrap().to_string();
-        let token = issued["session_token"].as_str().unwrap().to_string();
+        let sid = issued.sid.clone();
+        let token = issued.token.clone();
         let readyz = || api::request(gw.addr, "GET", "/readyz", &[], None);
         let healthz = || api::request(gw.addr, "GET", "/healthz", &[], None);
         assert_eq!(readyz().await.status, 200);
@@ -1059,31 +979,29 @@ async fn redis_outage_gives_503_and_the_same_process_recovers() {
         let r = try_login(gw.addr, "alice", PASSWORD).await;
         assert_error(&r, 503, "session_store_unavailable");
         assert!(retry_after(&r) >= 1);
-        let r = get_session(&gw, &sid, &token).await;
+        let r = get_session(gw.addr, &sid, &token).await;
         assert_error(&r, 503, "session_store_unavailable");
         assert!(retry_after(&r) >= 1);
-        let r = refresh(&gw, &token).await;
+        let r = refresh(gw.addr, &token).await;
         assert_error(&r, 503, "session_store_unavailable");
         assert_eq!(readyz().await.status, 503);
         assert_eq!(healthz().await.status, 200);
 
         redis.start_again().await;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while readyz().await.status != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "/readyz did not recover after Redis came back"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually(
+            "/readyz recovering after Redis came back",
+            Duration::from_secs(20),
+            || async { readyz().await.status == 200 },
+        )
+        .await;
         // Same gateway process: login works again. (The restarted Redis is
         // empty, so the old session is gone.)
         let again = login(gw.addr, "alice").await;
-        let new_sid = again["session_id"].as_str().unwrap();
-        let new_token = again["session_token"].as_str().unwrap();
-        assert_eq!(get_session(&gw, new_sid, new_token).await.status, 200);
+        let new_sid = again.sid.as_str();
+        let new_token = again.token.as_str();
+        assert_eq!(get_session(gw.addr, new_sid, new_token).await.status, 200);
         assert!(key_exists(&redis, &session_key(new_sid)).await);
-        let r = get_session(&gw, &sid, &token).await;
+        let r = get_session(gw.addr, &sid, &token).await;
         assert_error(&r, 401, "session_not_found");
     })
     .await;
@@ -1101,13 +1019,12 @@ async fn a_previous_key_keeps_old_tokens_valid_on_a_rotated_gateway() {
         let redis = RedisServer::start().await;
         let old = Gateway::start_with_env(
             "",
-            &config(&redis, "", &static_auth(""), "[tokens]\nkid = \"k0\"\n"),
+            &config_with(Some(&redis.url()), "", &static_auth(""), "[tokens]\nkid = \"k0\"\n"),
             &[("PORTCULLIS_SIGNING_KEY", KEY_0)],
         );
         let rotated = Gateway::start_with_env(
             "",
-            &config(
-                &redis,
+            &config_with(Some(&redis.url()),
                 "",
                 &static_auth(""),
                 "[tokens]\nkid = \"k1\"\n\n[[tokens.previous_keys]]\nkid = \"k0\"\nkey_env = \"PT_API_TEST_PREVIOUS_KEY\"\n",
@@ -1119,33 +1036,33 @@ async fn a_previous_key_keeps_old_tokens_valid_on_a_rotated_gateway() {
         );
         let fresh = Gateway::start_with_env(
             "",
-            &config(&redis, "", &static_auth(""), "[tokens]\nkid = \"k1\"\n"),
+            &config_with(Some(&redis.url()), "", &static_auth(""), "[tokens]\nkid = \"k1\"\n"),
             &[("PORTCULLIS_SIGNING_KEY", KEY_1)],
         );
 
         let issued = login(old.addr, "alice").await;
-        let sid = issued["session_id"].as_str().unwrap();
-        let k0_token = issued["session_token"].as_str().unwrap();
+        let sid = issued.sid.as_str();
+        let k0_token = issued.token.as_str();
         assert_eq!(token_kid(k0_token).as_deref(), Some("k0"));
 
-        let r = get_session(&rotated, sid, k0_token).await;
+        let r = get_session(rotated.addr, sid, k0_token).await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(r.json()["user"], "alice");
-        let r = get_session(&fresh, sid, k0_token).await;
+        let r = get_session(fresh.addr, sid, k0_token).await;
         assert_error(&r, 401, "invalid_token");
 
         // The kid picks the key: K0's signature under kid k1 is not accepted.
         let relabelled = hs256(KEY_0.as_bytes(), "k1", &claims(sid, "alice"));
-        let r = get_session(&rotated, sid, &relabelled).await;
+        let r = get_session(rotated.addr, sid, &relabelled).await;
         assert_error(&r, 401, "invalid_token");
 
         // Refreshing on the rotated gateway moves the client to the new key.
-        let r = refresh(&rotated, k0_token).await;
+        let r = refresh(rotated.addr, k0_token).await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let k1_token = r.json()["session_token"].as_str().unwrap().to_string();
         assert_eq!(token_kid(&k1_token).as_deref(), Some("k1"));
-        assert_eq!(get_session(&fresh, sid, &k1_token).await.status, 200);
-        let r = get_session(&old, sid, &k1_token).await;
+        assert_eq!(get_session(fresh.addr, sid, &k1_token).await.status, 200);
+        let r = get_session(old.addr, sid, &k1_token).await;
         assert_error(&r, 401, "invalid_token");
     })
     .await;
@@ -1263,7 +1180,10 @@ async fn upstream_verifier_decides_logins_and_receives_the_credentials_as_json()
     bounded(async {
         let redis = RedisServer::start().await;
         let verifier = Verifier::start().await;
-        let gw = Gateway::start("", &config(&redis, "", &upstream_auth(&verifier, ""), ""));
+        let gw = Gateway::start(
+            "",
+            &config_with(Some(&redis.url()), "", &upstream_auth(&verifier, ""), ""),
+        );
 
         let r = try_login(gw.addr, "carol", "carol-password").await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -1272,7 +1192,7 @@ async fn upstream_verifier_decides_logins_and_receives_the_credentials_as_json()
         let sid = body["session_id"].as_str().unwrap();
         let token = body["session_token"].as_str().unwrap();
         assert_eq!(stored_user(&redis, sid).await.as_deref(), Some("carol"));
-        let r = get_session(&gw, sid, token).await;
+        let r = get_session(gw.addr, sid, token).await;
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["user"], "carol");
 
@@ -1315,8 +1235,8 @@ async fn upstream_verifier_that_never_answers_gives_502_after_its_timeout() {
         let verifier = Verifier::start().await;
         let gw = Gateway::start(
             "",
-            &config(
-                &redis,
+            &config_with(
+                Some(&redis.url()),
                 "",
                 &upstream_auth(&verifier, "upstream_timeout_ms = 300"),
                 "",
@@ -1343,7 +1263,10 @@ async fn upstream_verifier_on_an_ipv6_literal_url_is_reached() {
         let redis = RedisServer::start().await;
         let verifier = Verifier::start_on("[::1]:0").await;
         assert!(verifier.url().starts_with("http://[::1]:"));
-        let gw = Gateway::start("", &config(&redis, "", &upstream_auth(&verifier, ""), ""));
+        let gw = Gateway::start(
+            "",
+            &config_with(Some(&redis.url()), "", &upstream_auth(&verifier, ""), ""),
+        );
         let r = try_login(gw.addr, "carol", "carol-password").await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         assert_eq!(r.json()["user"], "carol");
@@ -1366,12 +1289,12 @@ async fn tokens_passwords_keys_and_cookies_never_reach_the_debug_log() {
     bounded(async {
         let redis = RedisServer::start().await;
         let route = "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nupstreams = [\"ws://127.0.0.1:9/echo\"]\n";
-        let gw = Gateway::start("", &config(&redis, "", &static_auth(""), route));
+        let gw = Gateway::start("", &config_with(Some(&redis.url()), "", &static_auth(""), route));
         let wrong_password = "Wrong-Password-Qz7!secret";
 
         let alice = login(gw.addr, "alice").await;
-        let sid = alice["session_id"].as_str().unwrap().to_string();
-        let token = alice["session_token"].as_str().unwrap().to_string();
+        let sid = alice.sid.clone();
+        let token = alice.token.clone();
         let r = try_login(gw.addr, "alice", wrong_password).await;
         assert_eq!(r.status, 401);
         let r = try_login(gw.addr, "nobody", wrong_password).await;
@@ -1384,15 +1307,12 @@ async fn tokens_passwords_keys_and_cookies_never_reach_the_debug_log() {
             .and_then(|c| c.strip_prefix("portcullis_session="))
             .expect("a session cookie")
             .to_string();
-        let bob_token = login(gw.addr, "bob").await["session_token"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let bob_token = login(gw.addr, "bob").await.token;
 
-        let r = refresh(&gw, &token).await;
+        let r = refresh(gw.addr, &token).await;
         assert_eq!(r.status, 200);
         let refreshed = r.json()["session_token"].as_str().unwrap().to_string();
-        assert_eq!(get_session(&gw, &sid, &token).await.status, 200);
+        assert_eq!(get_session(gw.addr, &sid, &token).await.status, 200);
         let r = api::request(
             gw.addr,
             "GET",
@@ -1421,7 +1341,7 @@ async fn tokens_passwords_keys_and_cookies_never_reach_the_debug_log() {
         )
         .await;
         assert_eq!(r.status, 426);
-        let r = call(&gw, "POST", "/api/auth/logout", &refreshed).await;
+        let r = call(gw.addr, "POST", "/api/auth/logout", &refreshed).await;
         assert_eq!(r.status, 204);
 
         let log = gw.log();
@@ -1464,21 +1384,16 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 async fn metrics_count_logins_by_result_and_sessions_and_never_show_a_token() {
     bounded(async {
         let redis = RedisServer::start().await;
-        let gw = Gateway::start("", &plain_config(&redis));
+        let gw = Gateway::start("", &config(Some(&redis.url()), ""));
         let mut tokens = Vec::new();
         for user in ["alice", "bob"] {
-            tokens.push(
-                login(gw.addr, user).await["session_token"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
-            );
+            tokens.push(login(gw.addr, user).await.token);
         }
         assert_eq!(try_login(gw.addr, "alice", "wrong").await.status, 401);
-        let r = call(&gw, "POST", "/api/session/create", &tokens[0]).await;
+        let r = call(gw.addr, "POST", "/api/session/create", &tokens[0]).await;
         assert_eq!(r.status, 200);
         tokens.push(r.json()["session_token"].as_str().unwrap().to_string());
-        let r = refresh(&gw, &tokens[1]).await;
+        let r = refresh(gw.addr, &tokens[1]).await;
         assert_eq!(r.status, 200);
         tokens.push(r.json()["session_token"].as_str().unwrap().to_string());
 

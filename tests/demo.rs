@@ -62,19 +62,9 @@ async fn demo_serves_its_page_logs_in_and_echoes_through_the_gate() {
             && html.contains("\"bearer\"")
     );
 
-    let wrong = api::post_json(
-        addr,
-        "/api/auth/login",
-        &serde_json::json!({"username": user, "password": "nope"}),
-    )
-    .await;
+    let wrong = api::try_login(addr, &user, "nope").await;
     assert_eq!(wrong.status, 401);
-    let l = api::post_json(
-        addr,
-        "/api/auth/login",
-        &serde_json::json!({"username": user, "password": pass}),
-    )
-    .await;
+    let l = api::try_login(addr, &user, &pass).await;
     assert_eq!(l.status, 200);
     let token = l.json()["session_token"].as_str().unwrap().to_string();
 

@@ -6,30 +6,24 @@ mod support;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use support::gateway::{Gateway, config};
+use support::gateway::{Gateway, config, echo_route, route};
 use support::http::{self as api, login};
 use support::redis::RedisServer;
 use support::upstream::Upstream;
+use support::wait::eventually;
 use support::ws::{self, connect, refusal};
 use tokio_tungstenite::tungstenite::Message;
-
-fn route(upstream: &Upstream) -> String {
-    format!(
-        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nupstreams = [\"{}\"]\n",
-        upstream.url("/echo")
-    )
-}
 
 const ORIGINS: &str = "allowed_origins = [\"http://app.example\"]";
 
 #[tokio::test]
 async fn accepted_upgrade_echoes_and_reaches_upstream_with_identity() {
     let up = Upstream::start().await;
-    let gw = Gateway::start(ORIGINS, &config(None, &route(&up)));
+    let gw = Gateway::start(ORIGINS, &config(None, &echo_route(&up.url("/echo"), "")));
     let login = login(gw.addr, "alice").await;
-    let token = login["session_token"].as_str().unwrap();
-    let sid = login["session_id"].as_str().unwrap();
-    let auth = format!("Bearer {token}");
+    let token = login.token.as_str();
+    let sid = login.sid.as_str();
+    let auth = api::bearer(token);
     let (mut sock, resp) = connect(
         &gw.url("/ws/echo?room=7"),
         &[
@@ -61,23 +55,16 @@ async fn accepted_upgrade_echoes_and_reaches_upstream_with_identity() {
 async fn every_refusal_in_order_and_the_runtime_sees_nothing() {
     let redis = RedisServer::start().await;
     let up = Upstream::start().await;
-    let gw = Gateway::start(ORIGINS, &config(Some(&redis.url()), &route(&up)));
+    let gw = Gateway::start(
+        ORIGINS,
+        &config(Some(&redis.url()), &echo_route(&up.url("/echo"), "")),
+    );
     let url = gw.url("/ws/echo");
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let auth = format!("Bearer {token}");
+    let token = login(gw.addr, "alice").await.token;
+    let auth = api::bearer(&token);
 
     // 1. Not an upgrade: a plain GET on a route path.
-    let r = api::request(
-        gw.addr,
-        "GET",
-        "/ws/echo",
-        &[("authorization", &auth)],
-        None,
-    )
-    .await;
+    let r = api::call(gw.addr, "GET", "/ws/echo", &token).await;
     assert_eq!((r.status, r.error().as_str()), (426, "upgrade_required"));
 
     // 2. A foreign Origin is refused even with a good token.
@@ -96,31 +83,19 @@ async fn every_refusal_in_order_and_the_runtime_sees_nothing() {
     // 3. Tokens.
     let (s, body, _) = refusal(connect(&url, &[]).await);
     assert_eq!((s, body["error"].as_str().unwrap()), (403, "missing_token"));
-    let (s, body, _) = refusal(connect(&url, &[("authorization", "Bearer not.a.jwt")]).await);
+    let (s, body, _) = refusal(ws::connect_bearer(&url, "not.a.jwt").await);
     assert_eq!((s, body["error"].as_str().unwrap()), (403, "invalid_token"));
     let mut tampered = token.clone();
     tampered.pop();
     tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
-    let (s, body, _) =
-        refusal(connect(&url, &[("authorization", &format!("Bearer {tampered}"))]).await);
+    let (s, body, _) = refusal(ws::connect_bearer(&url, &tampered).await);
     assert_eq!((s, body["error"].as_str().unwrap()), (403, "invalid_token"));
 
     // 4. A well-signed token whose session has ended.
-    let other = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let other_auth = format!("Bearer {other}");
-    let r = api::request(
-        gw.addr,
-        "POST",
-        "/api/auth/logout",
-        &[("authorization", &other_auth)],
-        None,
-    )
-    .await;
+    let other = login(gw.addr, "alice").await.token;
+    let r = api::logout(gw.addr, &other).await;
     assert_eq!(r.status, 204);
-    let (s, body, _) = refusal(connect(&url, &[("authorization", &other_auth)]).await);
+    let (s, body, _) = refusal(ws::connect_bearer(&url, &other).await);
     assert_eq!(
         (s, body["error"].as_str().unwrap()),
         (403, "session_not_found")
@@ -129,7 +104,7 @@ async fn every_refusal_in_order_and_the_runtime_sees_nothing() {
     // 4'. Store unreachable: retry later, not "log in again".
     let mut redis = redis;
     redis.stop().await;
-    let (s, body, headers) = refusal(connect(&url, &[("authorization", &auth)]).await);
+    let (s, body, headers) = refusal(ws::connect_bearer(&url, &token).await);
     assert_eq!(
         (s, body["error"].as_str().unwrap()),
         (503, "session_store_unavailable")
@@ -145,13 +120,9 @@ async fn every_refusal_in_order_and_the_runtime_sees_nothing() {
 
     // 6. Every upstream down: 502, not 403. (The restarted Redis kept
     // nothing, so log in again first: same gateway process, no restart.)
-    let fresh = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let fresh = login(gw.addr, "alice").await.token;
     up.kill();
-    let (s, body, headers) =
-        refusal(connect(&url, &[("authorization", &format!("Bearer {fresh}"))]).await);
+    let (s, body, headers) = refusal(ws::connect_bearer(&url, &fresh).await);
     assert_eq!(
         (s, body["error"].as_str().unwrap()),
         (502, "upstream_unavailable")
@@ -164,17 +135,13 @@ async fn per_session_limit_gives_503_with_retry_after() {
     let up = Upstream::start().await;
     let gw = Gateway::start(
         "max_connections_per_session = 2",
-        &config(None, &route(&up)),
+        &config(None, &echo_route(&up.url("/echo"), "")),
     );
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = login(gw.addr, "alice").await.token;
     let url = gw.url("/ws/echo");
     let (_a, _) = ws::open(&url, &token).await;
     let (_b, _) = ws::open(&url, &token).await;
-    let (s, body, headers) =
-        refusal(connect(&url, &[("authorization", &format!("Bearer {token}"))]).await);
+    let (s, body, headers) = refusal(ws::connect_bearer(&url, &token).await);
     assert_eq!(
         (s, body["error"].as_str().unwrap()),
         (503, "too_many_connections")
@@ -182,10 +149,7 @@ async fn per_session_limit_gives_503_with_retry_after() {
     assert!(headers.get("retry-after").is_some());
     assert_eq!(up.connections(), 2);
     // Another session of the same user is not affected.
-    let token2 = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token2 = login(gw.addr, "alice").await.token;
     let (_c, _) = ws::open(&url, &token2).await;
 }
 
@@ -194,19 +158,13 @@ async fn gateway_wide_limit_gives_503() {
     let up = Upstream::start().await;
     let gw = Gateway::start(
         "max_connections = 1\nmax_connections_per_session = 1",
-        &config(None, &route(&up)),
+        &config(None, &echo_route(&up.url("/echo"), "")),
     );
-    let a = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let b = login(gw.addr, "bob").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let a = login(gw.addr, "alice").await.token;
+    let b = login(gw.addr, "bob").await.token;
     let url = gw.url("/ws/echo");
     let (_a, _) = ws::open(&url, &a).await;
-    let (s, body, _) = refusal(connect(&url, &[("authorization", &format!("Bearer {b}"))]).await);
+    let (s, body, _) = refusal(ws::connect_bearer(&url, &b).await);
     assert_eq!(
         (s, body["error"].as_str().unwrap()),
         (503, "too_many_connections")
@@ -217,16 +175,11 @@ async fn gateway_wide_limit_gives_503() {
 #[tokio::test]
 async fn each_token_transport_works_and_bearer_subprotocol_is_answered() {
     let up = Upstream::start().await;
-    let gw = Gateway::start("", &config(None, &route(&up)));
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let gw = Gateway::start("", &config(None, &echo_route(&up.url("/echo"), "")));
+    let token = login(gw.addr, "alice").await.token;
     let url = gw.url("/ws/echo");
 
-    let (_s, _) = connect(&url, &[("authorization", &format!("Bearer {token}"))])
-        .await
-        .unwrap();
+    let (_s, _) = ws::connect_bearer(&url, &token).await.unwrap();
     let (_s, resp) = connect(
         &url,
         &[("sec-websocket-protocol", &format!("bearer, {token}"))],
@@ -257,11 +210,8 @@ async fn each_token_transport_works_and_bearer_subprotocol_is_answered() {
 #[tokio::test]
 async fn runtime_chosen_subprotocol_is_relayed() {
     let up = Upstream::start_with_protocol(Some("chat.v2")).await;
-    let gw = Gateway::start("", &config(None, &route(&up)));
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let gw = Gateway::start("", &config(None, &echo_route(&up.url("/echo"), "")));
+    let token = login(gw.addr, "alice").await.token;
     let (_s, resp) = connect(
         &gw.url("/ws/echo"),
         &[(
@@ -281,16 +231,14 @@ async fn a_dead_upstream_is_skipped_within_the_same_handshake() {
     let live = Upstream::start().await;
     let dead = Upstream::start().await;
     dead.kill();
-    let toml = format!(
-        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nbalance = \"round_robin\"\nupstreams = [\"{}\", \"{}\"]\n",
-        dead.url("/"),
-        live.url("/")
+    let toml = route(
+        "echo",
+        "/ws/echo",
+        &[&dead.url("/"), &live.url("/")],
+        "balance = \"round_robin\"",
     );
     let gw = Gateway::start("", &config(None, &toml));
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = login(gw.addr, "alice").await.token;
     for _ in 0..4 {
         let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
         s.send(Message::text("x")).await.unwrap();
@@ -303,7 +251,10 @@ async fn a_dead_upstream_is_skipped_within_the_same_handshake() {
 async fn slowloris_head_is_cut_at_handshake_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::start().await;
-    let gw = Gateway::start("handshake_timeout_ms = 300", &config(None, &route(&up)));
+    let gw = Gateway::start(
+        "handshake_timeout_ms = 300",
+        &config(None, &echo_route(&up.url("/echo"), "")),
+    );
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(b"GET /ws/echo HTTP/1.1\r\nHost: x\r\n")
         .await
@@ -321,7 +272,7 @@ async fn slowloris_head_is_cut_at_handshake_timeout() {
 async fn oversized_request_head_is_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::start().await;
-    let gw = Gateway::start("", &config(None, &route(&up)));
+    let gw = Gateway::start("", &config(None, &echo_route(&up.url("/echo"), "")));
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let big = "a".repeat(20 * 1024);
     let req = format!("GET /ws/echo HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n");
@@ -339,18 +290,11 @@ async fn oversized_request_head_is_refused() {
 #[tokio::test]
 async fn dot_segments_cannot_escape_a_prefix_route() {
     let up = Upstream::start().await;
-    let toml = format!(
-        "[[routes]]\nname = \"a\"\npath = \"/a/*\"\nupstreams = [\"{}\"]\n",
-        up.url("/agent")
-    );
+    let toml = route("a", "/a/*", &[&up.url("/agent")], "");
     let gw = Gateway::start("", &config(None, &toml));
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let auth = format!("Bearer {token}");
+    let token = login(gw.addr, "alice").await.token;
     for path in ["/a/../../admin", "/a/%2e%2e/admin", "/a/.%2E/admin"] {
-        let (s, body, _) = refusal(connect(&gw.url(path), &[("authorization", &auth)]).await);
+        let (s, body, _) = refusal(ws::connect_bearer(&gw.url(path), &token).await);
         assert_eq!(
             (s, body["error"].as_str().unwrap()),
             (400, "bad_request"),
@@ -375,18 +319,13 @@ async fn a_client_hanging_up_mid_dial_leaves_no_lease_behind() {
             conns.push(s);
         }
     });
-    let toml = format!(
-        "[[routes]]\nname = \"slow\"\npath = \"/ws/slow\"\nupstreams = [\"ws://{silent_addr}/\"]\n"
-    );
+    let toml = route("slow", "/ws/slow", &[&format!("ws://{silent_addr}/")], "");
     let gw = Gateway::start(
         "handshake_timeout_ms = 4000\nmax_connections_per_session = 1",
         &config(None, &toml),
     );
     let l = login(gw.addr, "alice").await;
-    let (token, sid) = (
-        l["session_token"].as_str().unwrap(),
-        l["session_id"].as_str().unwrap(),
-    );
+    let (token, sid) = (l.token.as_str(), &l.sid);
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let req = format!(
         "GET /ws/slow HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -394,29 +333,20 @@ async fn a_client_hanging_up_mid_dial_leaves_no_lease_behind() {
     );
     s.write_all(req.as_bytes()).await.unwrap();
     // The lease is taken while the gateway dials; then the client gives up.
-    let path = format!("/api/session/{sid}");
-    let auth = api::bearer(token);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while api::request(gw.addr, "GET", &path, &[("authorization", &auth)], None)
-        .await
-        .json()["connections"]
-        != 1
-    {
-        assert!(tokio::time::Instant::now() < deadline, "lease never taken");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let connections =
+        || async { api::get_session(gw.addr, sid, token).await.json()["connections"].clone() };
+    eventually(
+        "the lease taken while dialling",
+        Duration::from_secs(3),
+        || async { connections().await == 1 },
+    )
+    .await;
     drop(s);
     // Released well before the 30 s lease would lapse on its own.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while api::request(gw.addr, "GET", &path, &[("authorization", &auth)], None)
-        .await
-        .json()["connections"]
-        != 0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the hung-up client's lease was leaked"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the hung-up client's lease released",
+        Duration::from_secs(3),
+        || async { connections().await == 0 },
+    )
+    .await;
 }

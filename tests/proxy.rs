@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use support::gateway::{Gateway, config};
+use support::gateway::{Gateway, config, echo_route};
 use support::http::login;
 use support::upstream::{Upstream, to_hex};
 use support::ws::{self, expect_close};
@@ -18,16 +18,16 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 const LIMIT: usize = 4096;
 
 async fn setup() -> (Upstream, Gateway, String) {
+    setup_with("", LIMIT).await
+}
+
+/// An echo runtime behind a gateway (`server_extra` in `[server]`, messages
+/// up to `limit` bytes), and alice's token.
+async fn setup_with(server_extra: &str, limit: usize) -> (Upstream, Gateway, String) {
     let up = Upstream::start().await;
-    let route = format!(
-        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nmax_message_bytes = {LIMIT}\nupstreams = [\"{}\"]\n",
-        up.url("/")
-    );
-    let gw = Gateway::start("", &config(None, &route));
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let route = echo_route(&up.url("/"), &format!("max_message_bytes = {limit}"));
+    let gw = Gateway::start(server_extra, &config(None, &route));
+    let token = login(gw.addr, "alice").await.token;
     (up, gw, token)
 }
 
@@ -281,19 +281,7 @@ async fn oversized_ping_is_a_protocol_error_not_a_runtime_failure() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_and_sending_is_dropped_by_keepalive() {
-    let up = Upstream::start().await;
-    let route = format!(
-        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nmax_message_bytes = 65536\nupstreams = [\"{}\"]\n",
-        up.url("/")
-    );
-    let gw = Gateway::start(
-        "ping_interval_ms = 300\npong_timeout_ms = 500",
-        &config(None, &route),
-    );
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (up, gw, token) = setup_with("ping_interval_ms = 300\npong_timeout_ms = 500", 65536).await;
     let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
     // The runtime floods; the client neither reads nor sends again, so its
     // buffers fill and even the keep-alive ping cannot reach it.
@@ -314,16 +302,7 @@ async fn a_client_that_stops_reading_and_sending_is_dropped_by_keepalive() {
 
 #[tokio::test]
 async fn revocation_during_a_large_frame_still_sends_the_client_1008() {
-    let up = Upstream::start().await;
-    let route = format!(
-        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nmax_message_bytes = 16777216\nupstreams = [\"{}\"]\n",
-        up.url("/")
-    );
-    let gw = Gateway::start("", &config(None, &route));
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (_up, gw, token) = setup_with("", 16 * 1024 * 1024).await;
     let (mut s, _) = ws::open(&gw.url("/ws/echo"), &token).await;
     // A 4 MiB binary message is in flight when the session is revoked.
     let big = frame_bytes(
@@ -334,14 +313,7 @@ async fn revocation_during_a_large_frame_still_sends_the_client_1008() {
     s.send(Message::text(format!("raw:{}", to_hex(&big))))
         .await
         .unwrap();
-    let r = support::http::request(
-        gw.addr,
-        "POST",
-        "/api/auth/logout",
-        &[("authorization", &support::http::bearer(&token))],
-        None,
-    )
-    .await;
+    let r = support::http::logout(gw.addr, &token).await;
     assert_eq!(r.status, 204);
     let (code, reason) = expect_close(&mut s, Duration::from_secs(5)).await;
     assert_eq!((code, reason.as_str()), (1008, "session_revoked"));

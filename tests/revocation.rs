@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::gateway::{Gateway, config};
+use support::gateway::{Gateway, config, config_with, echo_route, static_auth};
 use support::http::{self as api, login};
 use support::redis::RedisServer;
 use support::upstream::Upstream;
@@ -13,30 +13,19 @@ use support::ws::{self, expect_close};
 
 const ONE_SECOND: Duration = Duration::from_secs(1);
 
-fn route(up: &Upstream) -> String {
-    format!(
-        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nupstreams = [\"{}\"]\n",
-        up.url("/")
-    )
-}
-
 #[tokio::test]
 async fn logout_closes_open_sockets_within_a_second() {
     let redis = RedisServer::start().await;
     let up = Upstream::start().await;
-    let gw = Gateway::start("", &config(Some(&redis.url()), &route(&up)));
+    let gw = Gateway::start(
+        "",
+        &config(Some(&redis.url()), &echo_route(&up.url("/"), "")),
+    );
     let l = login(gw.addr, "alice").await;
-    let token = l["session_token"].as_str().unwrap();
+    let token = l.token.as_str();
     let (mut a, _) = ws::open(&gw.url("/ws/echo"), token).await;
     let (mut b, _) = ws::open(&gw.url("/ws/echo"), token).await;
-    let r = api::request(
-        gw.addr,
-        "POST",
-        "/api/auth/logout",
-        &[("authorization", &api::bearer(token))],
-        None,
-    )
-    .await;
+    let r = api::logout(gw.addr, token).await;
     assert_eq!(r.status, 204);
     for s in [&mut a, &mut b] {
         let (code, reason) = expect_close(s, ONE_SECOND).await;
@@ -48,22 +37,16 @@ async fn logout_closes_open_sockets_within_a_second() {
 async fn delete_closes_the_session_sockets_but_not_others() {
     let redis = RedisServer::start().await;
     let up = Upstream::start().await;
-    let gw = Gateway::start("", &config(Some(&redis.url()), &route(&up)));
+    let gw = Gateway::start(
+        "",
+        &config(Some(&redis.url()), &echo_route(&up.url("/"), "")),
+    );
     let first = login(gw.addr, "alice").await;
     let second = login(gw.addr, "alice").await;
-    let (mut doomed, _) = ws::open(
-        &gw.url("/ws/echo"),
-        first["session_token"].as_str().unwrap(),
-    )
-    .await;
-    let (mut kept, _) = ws::open(
-        &gw.url("/ws/echo"),
-        second["session_token"].as_str().unwrap(),
-    )
-    .await;
-    let path = format!("/api/session/{}", first["session_id"].as_str().unwrap());
-    let auth = api::bearer(second["session_token"].as_str().unwrap());
-    let r = api::request(gw.addr, "DELETE", &path, &[("authorization", &auth)], None).await;
+    let (mut doomed, _) = ws::open(&gw.url("/ws/echo"), &first.token).await;
+    let (mut kept, _) = ws::open(&gw.url("/ws/echo"), &second.token).await;
+    let path = format!("/api/session/{}", first.sid);
+    let r = api::call(gw.addr, "DELETE", &path, &second.token).await;
     assert_eq!(r.status, 204);
     let (code, reason) = expect_close(&mut doomed, ONE_SECOND).await;
     assert_eq!((code, reason.as_str()), (1008, "session_revoked"));
@@ -81,32 +64,18 @@ async fn delete_closes_the_session_sockets_but_not_others() {
 async fn logout_on_one_gateway_closes_a_socket_held_on_another() {
     let redis = RedisServer::start().await;
     let up = Upstream::start().await;
-    let cfg = config(Some(&redis.url()), &route(&up));
+    let cfg = config(Some(&redis.url()), &echo_route(&up.url("/"), ""));
     let a = Gateway::start("", &cfg);
     let b = Gateway::start("", &cfg);
     let l = login(a.addr, "alice").await;
-    let token = l["session_token"].as_str().unwrap();
+    let token = l.token.as_str();
     let (mut on_b, _) = ws::open(&b.url("/ws/echo"), token).await;
     // Both instances see the socket in the store's count.
-    let r = api::request(
-        a.addr,
-        "GET",
-        &format!("/api/session/{}", l["session_id"].as_str().unwrap()),
-        &[("authorization", &api::bearer(token))],
-        None,
-    )
-    .await;
+    let r = api::get_session(a.addr, &l.sid, token).await;
     assert_eq!(r.json()["connections"], 1);
     assert_eq!(r.json()["state"], "ACTIVE");
     let started = Instant::now();
-    let r = api::request(
-        a.addr,
-        "POST",
-        "/api/auth/logout",
-        &[("authorization", &api::bearer(token))],
-        None,
-    )
-    .await;
+    let r = api::logout(a.addr, token).await;
     assert_eq!(r.status, 204);
     let (code, reason) = expect_close(&mut on_b, ONE_SECOND).await;
     assert_eq!((code, reason.as_str()), (1008, "session_revoked"));
@@ -117,10 +86,13 @@ async fn logout_on_one_gateway_closes_a_socket_held_on_another() {
 async fn a_revocation_whose_message_is_lost_is_still_enforced_by_the_sweep() {
     let redis = RedisServer::start().await;
     let up = Upstream::start().await;
-    let gw = Gateway::start("", &config(Some(&redis.url()), &route(&up)));
+    let gw = Gateway::start(
+        "",
+        &config(Some(&redis.url()), &echo_route(&up.url("/"), "")),
+    );
     let l = login(gw.addr, "alice").await;
-    let sid = l["session_id"].as_str().unwrap();
-    let (mut s, _) = ws::open(&gw.url("/ws/echo"), l["session_token"].as_str().unwrap()).await;
+    let sid = l.sid.as_str();
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &l.token).await;
     // End the session in the store without publishing anything, as if the
     // pub/sub message had been lost in transit.
     let mut c = redis.client().await;
@@ -141,9 +113,12 @@ async fn a_revocation_whose_message_is_lost_is_still_enforced_by_the_sweep() {
 async fn sockets_close_when_the_store_comes_back_without_their_session() {
     let mut redis = RedisServer::start().await;
     let up = Upstream::start().await;
-    let gw = Gateway::start("", &config(Some(&redis.url()), &route(&up)));
+    let gw = Gateway::start(
+        "",
+        &config(Some(&redis.url()), &echo_route(&up.url("/"), "")),
+    );
     let l = login(gw.addr, "alice").await;
-    let (mut s, _) = ws::open(&gw.url("/ws/echo"), l["session_token"].as_str().unwrap()).await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &l.token).await;
     // A logout published while Redis restarts reaches nobody; the restarted
     // (empty) store is the truth, and the sweep enforces it.
     redis.stop().await;
@@ -157,11 +132,15 @@ async fn expiry_closes_sockets_with_session_expired() {
     let up = Upstream::start().await;
     let gw = Gateway::start(
         "",
-        &config(None, &format!("{}\n", route(&up)))
-            .replace("store = \"memory\"", "store = \"memory\"\nttl_secs = 2"),
+        &config_with(
+            None,
+            "ttl_secs = 2",
+            &static_auth(""),
+            &echo_route(&up.url("/"), ""),
+        ),
     );
     let l = login(gw.addr, "alice").await;
-    let (mut s, _) = ws::open(&gw.url("/ws/echo"), l["session_token"].as_str().unwrap()).await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &l.token).await;
     let opened = Instant::now();
     let (code, reason) = expect_close(&mut s, Duration::from_secs(4)).await;
     assert_eq!((code, reason.as_str()), (1008, "session_expired"));
@@ -177,11 +156,15 @@ async fn expiry_closes_sockets_with_session_expired() {
 async fn redis_expiry_closes_sockets_with_session_expired() {
     let redis = RedisServer::start().await;
     let up = Upstream::start().await;
-    let cfg = config(Some(&redis.url()), &route(&up))
-        .replace("key_prefix = \"pt\"", "key_prefix = \"pt\"\nttl_secs = 2");
+    let cfg = config_with(
+        Some(&redis.url()),
+        "ttl_secs = 2",
+        &static_auth(""),
+        &echo_route(&up.url("/"), ""),
+    );
     let gw = Gateway::start("", &cfg);
     let l = login(gw.addr, "alice").await;
-    let (mut s, _) = ws::open(&gw.url("/ws/echo"), l["session_token"].as_str().unwrap()).await;
+    let (mut s, _) = ws::open(&gw.url("/ws/echo"), &l.token).await;
     let (code, reason) = expect_close(&mut s, Duration::from_secs(4)).await;
     assert_eq!((code, reason.as_str()), (1008, "session_expired"));
 }

@@ -7,40 +7,35 @@ mod support;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use support::gateway::{Gateway, config};
-use support::http::{self as api, login};
+use support::gateway::{Gateway, config, route};
+use support::http::{self as api, Login, login};
 use support::redis::RedisServer;
 use support::upstream::{Event, Upstream};
+use support::wait::eventually;
 use support::ws::{self, Ws, expect_close};
 use tokio_tungstenite::tungstenite::Message;
 
 const NOT_OWNED: &str =
     r#"{"type":"error","code":"session_not_owned","message":"Session is owned by another client"}"#;
 
+/// The shared route `agent` on `/ws/agent`, with `extra` keys.
 fn shared_route(up: &Upstream, extra: &str) -> String {
-    format!(
-        "[[routes]]\nname = \"agent\"\npath = \"/ws/agent\"\nmode = \"shared\"\nupstreams = [\"{}\"]\n{extra}\n",
-        up.url("/agent")
+    route(
+        "agent",
+        "/ws/agent",
+        &[&up.url("/agent")],
+        &format!("mode = \"shared\"\n{extra}"),
     )
 }
 
-struct Session {
-    token: String,
-    sid: String,
-}
-
-async fn session(gw: &Gateway) -> Session {
-    let l = login(gw.addr, "alice").await;
-    Session {
-        token: l["session_token"].as_str().unwrap().to_string(),
-        sid: l["session_id"].as_str().unwrap().to_string(),
-    }
+async fn session(gw: &Gateway) -> Login {
+    login(gw.addr, "alice").await
 }
 
 /// Opens a viewport; returns it with (role, seq, resume header).
 async fn viewport(
     gw: &Gateway,
-    s: &Session,
+    s: &Login,
     resume_from: Option<u64>,
 ) -> (Ws, String, u64, Option<String>) {
     let url = match resume_from {
@@ -64,15 +59,8 @@ async fn text(sock: &mut Ws) -> String {
     }
 }
 
-async fn state(gw: &Gateway, s: &Session) -> serde_json::Value {
-    let r = api::request(
-        gw.addr,
-        "GET",
-        &format!("/api/session/{}", s.sid),
-        &[("authorization", &api::bearer(&s.token))],
-        None,
-    )
-    .await;
+async fn state(gw: &Gateway, s: &Login) -> serde_json::Value {
+    let r = api::get_session(gw.addr, &s.sid, &s.token).await;
     assert_eq!(r.status, 200);
     r.json()
 }
@@ -119,24 +107,26 @@ async fn when_the_owner_leaves_the_next_writer_becomes_owner() {
     let gw = Gateway::start("", &config(None, &shared_route(&up, "")));
     let s = session(&gw).await;
     let (owner, _, _, _) = viewport(&gw, &s, None).await;
-    let (mut reader, _, _, _) = viewport(&gw, &s, None).await;
+    let (reader, _, _, _) = viewport(&gw, &s, None).await;
     drop(owner); // dropped TCP, no close frame
     // The next frame claims ownership and reaches the runtime. The gateway
     // notices the owner's departure asynchronously, so retry until it has.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        reader.send(Message::text("take-over")).await.unwrap();
-        let t = text(&mut reader).await;
-        if t == "take-over" {
-            break;
-        }
-        assert_eq!(t, NOT_OWNED);
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "ownership was never released"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let reader = tokio::sync::Mutex::new(reader);
+    eventually(
+        "ownership released to the next writer",
+        Duration::from_secs(5),
+        || async {
+            let mut reader = reader.lock().await;
+            reader.send(Message::text("take-over")).await.unwrap();
+            let t = text(&mut reader).await;
+            if t == "take-over" {
+                return true;
+            }
+            assert_eq!(t, NOT_OWNED);
+            false
+        },
+    )
+    .await;
     assert!(up.received().contains(&"take-over".to_string()));
 }
 
@@ -218,11 +208,10 @@ async fn reattach_within_grace_reuses_the_upstream_and_after_grace_it_closes_100
     v.close(None).await.unwrap();
     let _ = expect_close(&mut v, Duration::from_secs(5)).await;
     // DETACHED once the lease is released (asynchronously: poll briefly).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while state(&gw, &s).await["state"] != "DETACHED" {
-        assert!(tokio::time::Instant::now() < deadline, "never DETACHED");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually("the session DETACHED", Duration::from_secs(3), || async {
+        state(&gw, &s).await["state"] == "DETACHED"
+    })
+    .await;
     let (mut v, role, _, _) = viewport(&gw, &s, None).await;
     assert_eq!(role, "owner");
     assert_eq!(state(&gw, &s).await["state"], "ACTIVE");
@@ -240,15 +229,19 @@ async fn reattach_within_grace_reuses_the_upstream_and_after_grace_it_closes_100
         Event::ClosedBy(1001)
     );
     // ...and the session is no longer DETACHED.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        let st = state(&gw, &s).await;
-        if st["state"] == "CREATED" {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "state stayed {st}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually(
+        "the session back to CREATED",
+        Duration::from_secs(3),
+        || async {
+            let st = state(&gw, &s).await;
+            if st["state"] == "CREATED" {
+                Ok(())
+            } else {
+                Err(st)
+            }
+        },
+    )
+    .await;
     // A new viewport gets a new runtime connection.
     let (_v, _, seq, _) = viewport(&gw, &s, None).await;
     assert_eq!(seq, 0, "numbering restarts with the new runtime connection");
@@ -289,19 +282,16 @@ async fn resume_reports_a_gap_when_the_frame_left_the_ring() {
     drop(v);
     // The hub reads asynchronously: a live viewport's Portcullis-Seq is the
     // hub's next frame number, so it reaching 100 proves all were numbered.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_probe, _, live, resume) = viewport(&gw, &s, None).await;
-        assert_eq!(resume, None, "no resume asked, no resume header");
-        if live == 100 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "hub stuck at {live}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the hub numbering all 100 frames",
+        Duration::from_secs(5),
+        || async {
+            let (_probe, _, live, resume) = viewport(&gw, &s, None).await;
+            assert_eq!(resume, None, "no resume asked, no resume header");
+            if live == 100 { Ok(()) } else { Err(live) }
+        },
+    )
+    .await;
     let (mut v, _, seq, resume) = viewport(&gw, &s, Some(0)).await;
     assert_eq!((seq, resume.as_deref()), (92, Some("gap")));
     for i in 92..100 {
@@ -328,7 +318,7 @@ impl Rng {
 /// with `resume_from`; returns every frame received, in order.
 async fn follow_with_reconnects(
     gw: &Gateway,
-    s: &Session,
+    s: &Login,
     mut sock: Ws,
     start: u64,
     total: u64,
@@ -436,14 +426,7 @@ async fn logout_closes_all_viewports_and_the_runtime_connection() {
     let (mut a, _, _, _) = viewport(&gw, &s, None).await;
     let (mut b, _, _, _) = viewport(&gw, &s, None).await;
     up.next_arrival().await;
-    let r = api::request(
-        gw.addr,
-        "POST",
-        "/api/auth/logout",
-        &[("authorization", &api::bearer(&s.token))],
-        None,
-    )
-    .await;
+    let r = api::logout(gw.addr, &s.token).await;
     assert_eq!(r.status, 204);
     for v in [&mut a, &mut b] {
         let (code, reason) = expect_close(v, Duration::from_secs(1)).await;
@@ -473,14 +456,7 @@ async fn a_hub_created_after_the_runtime_closed_is_still_revoked() {
     assert_eq!(seq, 0);
     up.next_arrival().await;
     up.next_arrival().await;
-    let r = api::request(
-        gw.addr,
-        "POST",
-        "/api/auth/logout",
-        &[("authorization", &api::bearer(&s.token))],
-        None,
-    )
-    .await;
+    let r = api::logout(gw.addr, &s.token).await;
     assert_eq!(r.status, 204);
     let (code, reason) = expect_close(&mut v2, Duration::from_secs(1)).await;
     assert_eq!((code, reason.as_str()), (1008, "session_revoked"));

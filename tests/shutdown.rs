@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::gateway::{Gateway, config};
+use support::gateway::{Gateway, config, echo_route};
 use support::http::login;
 use support::upstream::Upstream;
 use support::ws::{self, expect_close};
@@ -13,15 +13,9 @@ use support::ws::{self, expect_close};
 #[tokio::test]
 async fn sigterm_closes_sockets_going_away_and_exits_zero() {
     let up = Upstream::start().await;
-    let route = format!(
-        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nupstreams = [\"{}\"]\n",
-        up.url("/")
-    );
+    let route = echo_route(&up.url("/"), "");
     let mut gw = Gateway::start("shutdown_grace_ms = 3000", &config(None, &route));
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = login(gw.addr, "alice").await.token;
     let (mut a, _) = ws::open(&gw.url("/ws/echo"), &token).await;
     let (mut b, _) = ws::open(&gw.url("/ws/echo"), &token).await;
     gw.signal("TERM");
@@ -29,9 +23,7 @@ async fn sigterm_closes_sockets_going_away_and_exits_zero() {
         let (code, reason) = expect_close(s, Duration::from_secs(3)).await;
         assert_eq!((code, reason.as_str()), (1001, "going_away"));
     }
-    let status = gw
-        .wait_exit(Duration::from_secs(4))
-        .expect("gateway did not exit within the grace");
+    let status = gw.wait_exit(Duration::from_secs(4)).await;
     assert!(status.success(), "exit status {status:?}");
     // And it no longer accepts connections.
     assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
@@ -47,17 +39,13 @@ async fn sigterm_releases_every_lease_before_exiting() {
 
     let redis = support::redis::RedisServer::start().await;
     let up = Upstream::start().await;
-    let route = format!(
-        "[[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nupstreams = [\"{}\"]\n",
-        up.url("/")
-    );
+    let route = echo_route(&up.url("/"), "");
     let mut gw = Gateway::start(
         "shutdown_grace_ms = 5000\nmax_connections_per_session = 1000",
         &config(Some(&redis.url()), &route),
     );
     let l = login(gw.addr, "alice").await;
-    let token = l["session_token"].as_str().unwrap().to_string();
-    let sid = l["session_id"].as_str().unwrap().to_string();
+    let (token, sid) = (l.token, l.sid);
     // Clients that never read: they do not answer the gateway's close, so
     // every relay ends on its close deadline, all within the same instant.
     let mut held = Vec::new();
@@ -69,9 +57,7 @@ async fn sigterm_releases_every_lease_before_exiting() {
     let leases: u64 = store.zcard(&key).await.unwrap();
     assert_eq!(leases, 300);
     gw.signal("TERM");
-    let status = gw
-        .wait_exit(Duration::from_secs(8))
-        .expect("gateway did not exit within the grace");
+    let status = gw.wait_exit(Duration::from_secs(8)).await;
     assert!(status.success(), "exit status {status:?}");
     let leases: u64 = store.zcard(&key).await.unwrap();
     assert_eq!(leases, 0, "leases left in the store after a graceful exit");

@@ -5,11 +5,10 @@
 
 mod support;
 
-use std::future::Future;
 use std::time::Duration;
 
 use portcullis::session::{LeaseRequest, RedisStore};
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 
 use support::redis::RedisServer;
 
@@ -24,23 +23,6 @@ fn lease<'a>(session_id: &'a str, conn_id: &'a str) -> LeaseRequest<'a> {
         lease: Duration::from_secs(30),
         max_per_session: 8,
         session_ttl: Duration::from_secs(60),
-    }
-}
-
-/// Polls `check` until it holds; for effects that have no event to await
-/// (TTL and lease expiry).
-async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -72,7 +54,9 @@ mod cases {
     use portcullis::time::now_unix;
     use tokio::time::timeout;
 
-    use super::{WAIT, eventually, lease};
+    use crate::support::wait::eventually;
+
+    use super::{WAIT, lease};
 
     const MINUTE: Duration = Duration::from_secs(60);
 
@@ -472,7 +456,8 @@ mod redis_only {
     use tokio::time::{Instant, timeout};
 
     use crate::support::redis::RedisServer;
-    use crate::{PREFIX, WAIT, connect_redis, eventually, lease, wait_subscribed};
+    use crate::support::wait::eventually;
+    use crate::{PREFIX, WAIT, connect_redis, lease, wait_subscribed};
 
     const MINUTE: Duration = Duration::from_secs(60);
 

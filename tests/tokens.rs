@@ -5,7 +5,7 @@
 //! control built the same way that the service accepts, so a refusal is known
 //! to come from the property under test and not from a bad test token.
 
-use std::path::PathBuf;
+mod support;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -14,6 +14,7 @@ use portcullis::config::{Algorithm, Config, KeyMaterial, Secret, TokensConfig, V
 use portcullis::time::now_unix;
 use portcullis::token::{Claims, TokenError, TokenService};
 use serde_json::{Value, json};
+use support::key_fixture;
 
 const HS_KEY_A: &[u8] = b"hs256-key-a-0123456789abcdefghijklmnopqrstuv";
 const HS_KEY_B: &[u8] = b"hs256-key-b-0123456789abcdefghijklmnopqrstuv";
@@ -28,13 +29,6 @@ const ALL: [Algorithm; 4] = [
     Algorithm::RS256,
 ];
 
-fn fixture(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/keys")
-        .join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
-
 /// Key `a` or `b` of the kind `alg` needs.
 fn key(alg: Algorithm, which: char) -> Vec<u8> {
     let stem = match alg {
@@ -43,7 +37,7 @@ fn key(alg: Algorithm, which: char) -> Vec<u8> {
         Algorithm::ES256 => "p256",
         Algorithm::RS256 => "rsa",
     };
-    fixture(&format!("{stem}_{which}.pem"))
+    key_fixture(&format!("{stem}_{which}.pem"))
 }
 
 fn jwt_alg(alg: Algorithm) -> jsonwebtoken::Algorithm {
@@ -208,8 +202,8 @@ fn algorithm_is_pinned_by_config_not_by_the_token() {
     let hs = service(Algorithm::HS256, "k1", HS_KEY_A, &[]);
 
     // HS256 forged with the RS256 service's *public* key as the HMAC secret.
-    let spki_pem = fixture("rsa_a_public.pem");
-    let pkcs1_pem = fixture("rsa_a_public_pkcs1.pem");
+    let spki_pem = key_fixture("rsa_a_public.pem");
+    let pkcs1_pem = key_fixture("rsa_a_public_pkcs1.pem");
     let spki_der = pem::parse(&spki_pem).unwrap().into_contents();
     let pkcs1_der = pem::parse(&pkcs1_pem).unwrap().into_contents();
     for public in [&spki_pem, &pkcs1_pem, &spki_der, &pkcs1_der] {

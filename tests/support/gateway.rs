@@ -41,31 +41,55 @@ impl Drop for TempDir {
     }
 }
 
-/// A config with users alice and bob (password [`PASSWORD`]) and `extra`
-/// appended (routes, overrides). `store` is `memory` or a Redis URL.
-pub fn config(store: Option<&str>, extra: &str) -> String {
-    let sessions = match store {
+/// A `[sessions]` table: `store` is `memory` (None) or a Redis URL (keys
+/// under prefix `pt`); `keys` (e.g. `ttl_secs = 2`) are added to it.
+pub fn sessions(store: Option<&str>, keys: &str) -> String {
+    let table = match store {
         Some(url) => {
             format!("[sessions]\nstore = \"redis\"\nredis_url = \"{url}\"\nkey_prefix = \"pt\"\n")
         }
         None => "[sessions]\nstore = \"memory\"\n".to_string(),
     };
+    format!("{table}{keys}\n")
+}
+
+/// A static `[auth]` with users alice and bob (password [`PASSWORD`]) and
+/// `keys` (e.g. `login_attempts_per_minute = 3`) in the `[auth]` table.
+pub fn static_auth(keys: &str) -> String {
     let hash = password_hash();
     format!(
-        r#"
-{sessions}
-[auth]
-kind = "static"
-[[auth.users]]
-username = "alice"
-password_hash = "{hash}"
-[[auth.users]]
-username = "bob"
-password_hash = "{hash}"
-
-{extra}
-"#
+        "[auth]\nkind = \"static\"\n{keys}\n\
+         [[auth.users]]\nusername = \"alice\"\npassword_hash = \"{hash}\"\n\
+         [[auth.users]]\nusername = \"bob\"\npassword_hash = \"{hash}\"\n"
     )
+}
+
+/// A config of [`sessions`]`(store, session_keys)`, then `auth` (a whole
+/// `[auth]` table), then `extra` (`[tokens]`, routes).
+pub fn config_with(store: Option<&str>, session_keys: &str, auth: &str, extra: &str) -> String {
+    format!("{}\n{auth}\n{extra}\n", sessions(store, session_keys))
+}
+
+/// A config with users alice and bob (password [`PASSWORD`]) and `extra`
+/// appended (routes, overrides). `store` is `memory` or a Redis URL.
+pub fn config(store: Option<&str>, extra: &str) -> String {
+    config_with(store, "", &static_auth(""), extra)
+}
+
+/// A `[[routes]]` table `name` on `path` to `upstreams`, with `keys` (e.g.
+/// `max_message_bytes = 4096`) added to it.
+pub fn route(name: &str, path: &str, upstreams: &[&str], keys: &str) -> String {
+    let upstreams = upstreams
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("[[routes]]\nname = \"{name}\"\npath = \"{path}\"\nupstreams = [{upstreams}]\n{keys}\n")
+}
+
+/// The route `echo` on `/ws/echo` to the one `upstream`, with `keys`.
+pub fn echo_route(upstream: &str, keys: &str) -> String {
+    route("echo", "/ws/echo", &[upstream], keys)
 }
 
 impl Gateway {
@@ -144,19 +168,15 @@ impl Gateway {
         assert!(ok, "kill -{sig} failed");
     }
 
-    /// Waits (bounded) for the process to exit and returns its status.
-    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+    /// Waits (bounded) for the process to exit and returns its status;
+    /// panics if it is still running after `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let child = self.child.as_mut().unwrap();
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait::eventually("the gateway process exiting", within, || {
+            let exited = child.try_wait().unwrap();
+            async move { exited.ok_or("still running") }
+        })
+        .await
     }
 }
 

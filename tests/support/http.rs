@@ -1,11 +1,12 @@
 //! A minimal HTTP/1.1 client over a real socket, for the API.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpSocket;
 
 pub struct Resp {
     pub status: u16,
@@ -36,6 +37,8 @@ impl Resp {
     }
 }
 
+/// `method path` with `headers` and `body`, bounded; panics on a transport
+/// failure (an HTTP error status is a [`Resp`], not a panic).
 pub async fn request(
     addr: SocketAddr,
     method: &str,
@@ -43,10 +46,33 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Resp {
+    request_from(None, addr, method, path, headers, body).await
+}
+
+/// [`request`] over a connection from the local address `from` (any address
+/// in 127/8 is local on Linux), so the gateway sees that client IP.
+pub async fn request_from(
+    from: Option<IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Resp {
     tokio::time::timeout(Duration::from_secs(15), async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("connect to gateway");
+        let stream = match from {
+            None => tokio::net::TcpStream::connect(addr).await,
+            Some(from) => {
+                let socket = match from {
+                    IpAddr::V4(_) => TcpSocket::new_v4(),
+                    IpAddr::V6(_) => TcpSocket::new_v6(),
+                }
+                .unwrap();
+                socket.bind(SocketAddr::new(from, 0)).unwrap();
+                socket.connect(addr).await
+            }
+        }
+        .expect("connect to gateway");
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();
@@ -78,7 +104,7 @@ pub async fn request(
         }
     })
     .await
-    .expect("request timed out")
+    .unwrap_or_else(|_| panic!("{method} {path} timed out"))
 }
 
 pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Resp {
@@ -92,23 +118,70 @@ pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -
     .await
 }
 
-/// Logs in and returns the login body; panics unless 200.
-pub async fn login(addr: SocketAddr, user: &str) -> serde_json::Value {
-    let r = post_json(
+/// `POST /api/auth/login` with `user` and `password`, whatever the answer.
+pub async fn try_login(addr: SocketAddr, user: &str, password: &str) -> Resp {
+    post_json(
         addr,
         "/api/auth/login",
-        &serde_json::json!({ "username": user, "password": super::gateway::PASSWORD }),
+        &serde_json::json!({ "username": user, "password": password }),
     )
-    .await;
+    .await
+}
+
+/// A successful login: the session, its token, and the whole login body.
+pub struct Login {
+    pub sid: String,
+    pub token: String,
+    pub body: serde_json::Value,
+}
+
+/// Logs in with [`PASSWORD`](super::gateway::PASSWORD); panics unless 200.
+pub async fn login(addr: SocketAddr, user: &str) -> Login {
+    let r = try_login(addr, user, super::gateway::PASSWORD).await;
     assert_eq!(
         r.status,
         200,
         "login failed: {}",
         String::from_utf8_lossy(&r.body)
     );
-    r.json()
+    let body = r.json();
+    let field = |name: &str| {
+        body[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("login body has no {name}: {body}"))
+            .to_string()
+    };
+    let (sid, token) = (field("session_id"), field("session_token"));
+    Login { sid, token, body }
 }
 
 pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")
+}
+
+/// `method path` authenticated by `token` as a bearer, without a body.
+pub async fn call(addr: SocketAddr, method: &str, path: &str, token: &str) -> Resp {
+    request(
+        addr,
+        method,
+        path,
+        &[("authorization", &bearer(token))],
+        None,
+    )
+    .await
+}
+
+/// `GET /api/session/{sid}` with `token`.
+pub async fn get_session(addr: SocketAddr, sid: &str, token: &str) -> Resp {
+    call(addr, "GET", &format!("/api/session/{sid}"), token).await
+}
+
+/// `POST /api/auth/refresh` with `token`.
+pub async fn refresh(addr: SocketAddr, token: &str) -> Resp {
+    call(addr, "POST", "/api/auth/refresh", token).await
+}
+
+/// `POST /api/auth/logout` with `token`.
+pub async fn logout(addr: SocketAddr, token: &str) -> Resp {
+    call(addr, "POST", "/api/auth/logout", token).await
 }

@@ -7,4 +7,13 @@ pub mod gateway;
 pub mod http;
 pub mod redis;
 pub mod upstream;
+pub mod wait;
 pub mod ws;
+
+/// The bytes of `tests/fixtures/keys/<name>`.
+pub fn key_fixture(name: &str) -> Vec<u8> {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keys")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}

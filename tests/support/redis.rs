@@ -51,15 +51,15 @@ impl RedisServer {
     /// Kills the server and waits until its port refuses connections.
     pub async fn stop(&mut self) {
         self.kill();
-        let deadline = Instant::now() + READY_WITHIN;
-        while TcpStream::connect(self.addr()).await.is_ok() {
-            assert!(
-                Instant::now() < deadline,
-                "port {} still accepts connections after killing redis-server",
-                self.port
-            );
-            tokio::time::sleep(POLL_EVERY).await;
-        }
+        let addr = self.addr();
+        let what = format!(
+            "port {} refusing connections after killing redis-server",
+            self.port
+        );
+        super::wait::eventually(&what, READY_WITHIN, || async move {
+            TcpStream::connect(addr).await.is_err()
+        })
+        .await;
     }
 
     /// Restarts on the same port (empty: nothing is persisted).

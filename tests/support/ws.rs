@@ -31,10 +31,14 @@ pub async fn connect(
     .expect("WebSocket connect timed out")
 }
 
-/// Connects with `Authorization: Bearer <token>`, panicking on refusal.
+/// Connects with `Authorization: Bearer <token>`.
+pub async fn connect_bearer(url: &str, token: &str) -> Upgrade {
+    connect(url, &[("authorization", &format!("Bearer {token}"))]).await
+}
+
+/// [`connect_bearer`], panicking on refusal.
 pub async fn open(url: &str, token: &str) -> (Ws, Response<Option<Vec<u8>>>) {
-    let auth = format!("Bearer {token}");
-    match connect(url, &[("authorization", &auth)]).await {
+    match connect_bearer(url, token).await {
         Ok(x) => x,
         Err(e) => panic!("upgrade refused: {}", describe(&e)),
     }
