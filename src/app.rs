@@ -16,7 +16,7 @@ use crate::token::TokenService;
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("token keys: {0}")]
-    Tokens(String),
+    Tokens(#[from] crate::token::KeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }

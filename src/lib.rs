@@ -24,6 +24,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod formats;
 pub mod gate;
 pub mod http;
 pub mod hub;
