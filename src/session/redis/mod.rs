@@ -7,6 +7,9 @@
 //! so lease expiries written by different instances compare correctly even if
 //! their clocks drift.
 //!
+//! The scripts live in `scripts`, the command connections in `conns` and the
+//! revocation subscription in `pubsub`; this file is the store itself.
+//!
 //! # Keys
 //!
 //! The session id sits in a hash tag (`{sid}`) so one session's keys share a
@@ -26,201 +29,34 @@
 //! succeeds without it, every call fails within [`OP_DEADLINE`], and calls work
 //! again once Redis is back, without rebuilding the store.
 
+mod conns;
+mod pubsub;
+mod scripts;
+
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
-use std::thread::ThreadId;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{Client, FromRedisValue, RedisError, RedisResult, Script, ScriptInvocation, Value};
 use tokio::sync::{broadcast, oneshot, watch};
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 
 use super::{
     Attach, EndReason, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord,
-    SessionState, SessionStore, StoreError,
+    SessionStore, StoreError,
 };
-use crate::ids::{looks_like_id, random_id};
+use crate::ids::random_id;
+use conns::Commands;
+use pubsub::listen;
+use scripts::{ATTACH, CREATE, DELETE, GET, MARK_IDLE, RENEW, RawRecord, TOUCH, to_record};
 
-/// A dead or unreachable Redis must turn into a 503 quickly, not a hung
-/// request; this bounds each TCP connect.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Bounds each command once connected (a stalled Redis, a half-open socket).
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bounds a whole store call, reconnect and one retry included.
 pub const OP_DEADLINE: Duration = Duration::from_secs(2);
 /// How long a deleted session is remembered as revoked rather than expired;
 /// comfortably longer than the sweep period of every instance.
 pub const TOMBSTONE: Duration = Duration::from_secs(10 * 60);
-/// A subscription on a silently dead socket would never notice; a periodic
-/// PING does.
-const HEARTBEAT: Duration = Duration::from_secs(5);
-const RESUBSCRIBE_MIN: Duration = Duration::from_millis(50);
-/// Short, because revocations sent while unsubscribed are only caught by
-/// the (slower) liveness sweep.
-const RESUBSCRIBE_MAX: Duration = Duration::from_secs(1);
-
-/// Helpers shared by every script. `KEYS[1]` is always the session hash and
-/// `KEYS[2]` the lease set. Timestamps are formatted with `%d` because Lua
-/// would otherwise print large numbers in exponent notation.
-const PRELUDE: &str = r#"
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function int(x)
-  return string.format('%d', x)
-end
-local function record(now)
-  local f = redis.call('HMGET', KEYS[1], 'user', 'created_at', 'expires_at', 'attached')
-  local live = redis.call('ZCOUNT', KEYS[2], '(' .. int(now), '+inf')
-  return {f[1], tonumber(f[2]), tonumber(f[3]), tonumber(f[4]), live}
-end
-"#;
-
-/// ARGV: user, ttl ms. Re-running it for the same id (a retry after a lost
-/// reply) returns the session the first run made instead of a second one.
-static CREATE: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-local now = now_ms()
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return record(now)
-end
-local exp = now + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'user', ARGV[1], 'created_at', int(now),
-  'expires_at', int(exp), 'attached', '0')
-redis.call('PEXPIREAT', KEYS[1], int(exp))
-return {ARGV[1], now, exp, 0, 0}
-"#,
-    )
-});
-
-static GET: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-return record(now_ms())
-"#,
-    )
-});
-
-/// ARGV: ttl ms. The lease set's TTL slides too, or it would vanish before
-/// the session it belongs to.
-static TOUCH: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local now = now_ms()
-local exp = now + tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], 'expires_at', int(exp))
-local rec = record(now)
-redis.call('PEXPIREAT', KEYS[1], int(exp))
-redis.call('PEXPIREAT', KEYS[2], int(exp))
-return rec
-"#,
-    )
-});
-
-/// KEYS[3]: tombstone. ARGV: channel, session id, nonce, tombstone ms. The
-/// tombstone holds this call's nonce, so a retry after a lost reply still
-/// learns that *it* ended the session.
-static DELETE: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
-  return 1
-end
-if redis.call('GET', KEYS[3]) == ARGV[3] then return 1 end
-return 0
-"#,
-    )
-});
-
-/// ARGV: conn id, lease ms, max per session, ttl ms. Returns 0 (not found),
-/// 1 (full) or the record. A connection that already holds a lease (a
-/// retry) is not counted against the limit a second time.
-///
-/// Every upgrade runs it, so it makes as few calls as it can (8; the record
-/// is assembled from what it already read): Redis's CPU per upgrade is part
-/// of the gateway's cost (BENCHMARKS.md).
-static ATTACH: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-local f = redis.call('HMGET', KEYS[1], 'user', 'created_at')
-if not f[1] then return 0 end
-local now = now_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now))
-local live = redis.call('ZCARD', KEYS[2])
-if live >= tonumber(ARGV[3]) and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
-  return 1
-end
-local exp = now + tonumber(ARGV[4])
-live = live + redis.call('ZADD', KEYS[2], int(now + tonumber(ARGV[2])), ARGV[1])
-redis.call('HSET', KEYS[1], 'attached', '1', 'expires_at', int(exp))
-redis.call('PEXPIREAT', KEYS[1], int(exp))
-redis.call('PEXPIREAT', KEYS[2], int(exp))
-return {f[1], tonumber(f[2]), exp, 1, live}
-"#,
-    )
-});
-
-/// ARGV: lease ms, conn ids. `XX`: a lease that was already released stays
-/// released.
-static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local exp = int(now_ms() + tonumber(ARGV[1]))
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[2], 'XX', exp, ARGV[i])
-end
-return 1
-"#,
-    )
-});
-
-/// Keeps `attached` if a socket attached meanwhile (possibly on another
-/// instance): the lease check and the write are one step.
-static MARK_IDLE: LazyLock<Script> = LazyLock::new(|| {
-    script(
-        r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('ZCOUNT', KEYS[2], '(' .. int(now_ms()), '+inf') == 0 then
-  redis.call('HSET', KEYS[1], 'attached', '0')
-end
-return 1
-"#,
-    )
-});
-
-fn script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}{body}"))
-}
-
-/// What the record-returning scripts answer: user, created ms, expires ms,
-/// attached flag, live leases.
-type RawRecord = (String, i64, i64, i64, u32);
-
-fn to_record(id: &str, (user, created_ms, expires_ms, attached, live): RawRecord) -> SessionRecord {
-    SessionRecord {
-        id: id.to_string(),
-        user,
-        created_at: created_ms / 1000,
-        expires_at: expires_ms / 1000,
-        state: match (live, attached) {
-            (n, _) if n > 0 => SessionState::Active,
-            (_, 1) => SessionState::Detached,
-            _ => SessionState::Created,
-        },
-        connections: live,
-    }
-}
 
 fn ms(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX)
@@ -262,88 +98,6 @@ fn describe(op: &str, e: &RedisError) -> StoreError {
         format!("{:?}", e.kind())
     };
     StoreError(format!("redis {op}: {what}"))
-}
-
-/// The command connections, made lazily so the gateway can start (and answer
-/// `/readyz` 503) while Redis is still down.
-///
-/// One per thread that calls the store: the gateway runs one
-/// single-threaded runtime per core, and a connection's I/O is driven by a
-/// task on the runtime that made it. A connection shared by all shards
-/// would turn every store call into two cross-thread wake-ups (measured:
-/// ~3.4 eventfd writes per upgrade, BENCHMARKS.md); one per shard keeps a
-/// socket's upgrade, its Redis round trips and its relay on one thread.
-///
-/// `ConnectionManager` reconnects after a dropped connection by itself, but
-/// it can only be built once Redis answers, and it never replaces a
-/// connection that merely stops answering (a half-open socket): so a manager
-/// whose command timed out is forgotten and the next call builds a new one.
-struct Commands {
-    client: Client,
-    config: ConnectionManagerConfig,
-    slots: Mutex<Slots>,
-}
-
-#[derive(Default)]
-struct Slots {
-    /// Identifies each manager, so a caller forgets only the one that
-    /// failed it, not a newer replacement.
-    generation: u64,
-    by_thread: Vec<(ThreadId, u64, ConnectionManager)>,
-}
-
-impl Commands {
-    fn new(client: Client) -> Self {
-        // One connection attempt per reconnect, no backoff sleeps: a caller
-        // waiting on a reconnect would otherwise outlive `OP_DEADLINE`, and
-        // every later call triggers a fresh attempt anyway.
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(0)
-            .set_connection_timeout(CONNECT_TIMEOUT)
-            .set_response_timeout(RESPONSE_TIMEOUT);
-        Commands {
-            client,
-            config,
-            slots: Mutex::new(Slots::default()),
-        }
-    }
-
-    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn cached(&self, me: ThreadId) -> Option<(u64, ConnectionManager)> {
-        let slots = self.slots();
-        slots
-            .by_thread
-            .iter()
-            .find(|(t, ..)| *t == me)
-            .map(|(_, g, m)| (*g, m.clone()))
-    }
-
-    async fn manager(&self) -> RedisResult<(u64, ConnectionManager)> {
-        let me = std::thread::current().id();
-        if let Some(cached) = self.cached(me) {
-            return Ok(cached);
-        }
-        let fresh =
-            ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await?;
-        let mut slots = self.slots();
-        // A task on another thread of a multi-threaded runtime may finish
-        // this await elsewhere: key by where the manager is stored from.
-        let me = std::thread::current().id();
-        if let Some((_, g, raced)) = slots.by_thread.iter().find(|(t, ..)| *t == me) {
-            return Ok((*g, raced.clone()));
-        }
-        slots.generation += 1;
-        let generation = slots.generation;
-        slots.by_thread.push((me, generation, fresh.clone()));
-        Ok((generation, fresh))
-    }
-
-    fn forget(&self, generation: u64) {
-        self.slots().by_thread.retain(|(_, g, _)| *g != generation);
-    }
 }
 
 /// Sessions in Redis, shared by every gateway instance using the same URL and
@@ -622,81 +376,5 @@ impl SessionStore for RedisStore {
         })
         .await
         .map(drop)
-    }
-}
-
-/// Feeds `tx` from the revocation channel for as long as the store lives,
-/// resubscribing with backoff whenever Redis goes away. Uses its own
-/// connection: a subscribed RESP2 connection cannot carry other commands.
-async fn listen(
-    client: Client,
-    channel: String,
-    tx: broadcast::Sender<Revocation>,
-    subscribed: watch::Sender<bool>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    let mut backoff = RESUBSCRIBE_MIN;
-    loop {
-        let ended = tokio::select! {
-            _ = &mut stop => return,
-            ended = follow(&client, &channel, &tx, &subscribed) => ended,
-        };
-        if subscribed.send_replace(false) {
-            tracing::warn!(error = %ended, "revocation subscription lost; resubscribing");
-            backoff = RESUBSCRIBE_MIN;
-        } else {
-            tracing::debug!(error = %ended, "revocation subscription not established");
-        }
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(RESUBSCRIBE_MAX);
-    }
-}
-
-/// One subscription, until its connection fails; always ends in an error.
-async fn follow(
-    client: &Client,
-    channel: &str,
-    tx: &broadcast::Sender<Revocation>,
-    subscribed: &watch::Sender<bool>,
-) -> StoreError {
-    let pubsub = match timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await {
-        Ok(Ok(pubsub)) => pubsub,
-        Ok(Err(e)) => return describe("subscribe", &e),
-        Err(_) => return StoreError("redis subscribe: timed out".to_string()),
-    };
-    let (mut sink, mut stream) = pubsub.split();
-    match timeout(RESPONSE_TIMEOUT, sink.subscribe(channel)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return describe("subscribe", &e),
-        Err(_) => return StoreError("redis subscribe: timed out".to_string()),
-    }
-    subscribed.send_replace(true);
-    tracing::info!("revocation subscription established");
-    let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
-    loop {
-        tokio::select! {
-            msg = stream.next() => {
-                let Some(msg) = msg else {
-                    return StoreError("redis subscribe: connection lost".to_string());
-                };
-                match msg.get_payload::<String>() {
-                    Ok(session_id) if looks_like_id(&session_id) => {
-                        // No receivers is fine: no socket is open here.
-                        let _ = tx.send(Revocation { session_id, reason: EndReason::Revoked });
-                    }
-                    _ => tracing::debug!("ignoring a malformed revocation message"),
-                }
-            }
-            _ = heartbeat.tick() => {
-                match timeout(RESPONSE_TIMEOUT, sink.ping::<Value>()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return describe("heartbeat", &e),
-                    Err(_) => return StoreError("redis heartbeat: timed out".to_string()),
-                }
-            }
-        }
     }
 }
