@@ -29,6 +29,19 @@ pub enum SessionState {
 }
 
 impl SessionState {
+    /// The rule both stores apply to what they keep: any live lease makes a
+    /// session ACTIVE; none, after a socket attached (and no `mark_idle`
+    /// since), DETACHED; otherwise CREATED.
+    pub fn from_counts(live_leases: u32, attached: bool) -> Self {
+        if live_leases > 0 {
+            SessionState::Active
+        } else if attached {
+            SessionState::Detached
+        } else {
+            SessionState::Created
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             SessionState::Created => "CREATED",
@@ -50,6 +63,27 @@ pub struct SessionRecord {
     pub state: SessionState,
     /// Open sockets on every instance (live leases).
     pub connections: u32,
+}
+
+impl SessionRecord {
+    /// The record from what both stores keep: Unix-ms times, whether a
+    /// socket attached since the last `mark_idle`, and the live leases.
+    fn from_store(
+        id: &str,
+        user: String,
+        (created_at_ms, expires_at_ms): (i64, i64),
+        attached: bool,
+        live_leases: u32,
+    ) -> Self {
+        SessionRecord {
+            id: id.to_string(),
+            user,
+            created_at: created_at_ms / 1000,
+            expires_at: expires_at_ms / 1000,
+            state: SessionState::from_counts(live_leases, attached),
+            connections: live_leases,
+        }
+    }
 }
 
 /// Why a session's sockets must close.
@@ -77,6 +111,19 @@ pub struct Revocation {
     pub reason: EndReason,
 }
 
+/// Tells this instance's sockets that `session_id` was revoked. No receivers
+/// is fine: no socket for it is open here.
+fn announce_revoked(revocations: &broadcast::Sender<Revocation>, session_id: String) {
+    let _ = revocations.send(Revocation {
+        session_id,
+        reason: EndReason::Revoked,
+    });
+}
+
+/// How long a deleted session is remembered as revoked rather than expired;
+/// comfortably longer than the sweep period of every instance.
+pub const TOMBSTONE: Duration = Duration::from_secs(10 * 60);
+
 /// The outcome of asking for a socket lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attach {
@@ -96,6 +143,20 @@ pub enum Liveness {
         expires_at: i64,
     },
     Gone(EndReason),
+}
+
+impl Liveness {
+    /// What both stores answer from a session's expiry (Unix ms, `None` when
+    /// it is gone) and whether its tombstone is still kept.
+    fn from_store(expires_at_ms: Option<i64>, tombstone: bool) -> Self {
+        match expires_at_ms {
+            Some(ms) => Liveness::Alive {
+                expires_at: ms / 1000,
+            },
+            None if tombstone => Liveness::Gone(EndReason::Revoked),
+            None => Liveness::Gone(EndReason::Expired),
+        }
+    }
 }
 
 /// The store could not be reached or answered nonsense. Always retryable:

@@ -44,8 +44,8 @@ use tokio::sync::{broadcast, oneshot, watch};
 use tokio::time::timeout;
 
 use super::{
-    Attach, EndReason, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord,
-    SessionStore, StoreError,
+    Attach, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord, SessionStore,
+    StoreError, TOMBSTONE, announce_revoked,
 };
 use crate::ids::random_id;
 use conns::Commands;
@@ -54,9 +54,6 @@ use scripts::{ATTACH, CREATE, DELETE, GET, MARK_IDLE, RENEW, RawRecord, TOUCH, t
 
 /// Bounds a whole store call, reconnect and one retry included.
 pub const OP_DEADLINE: Duration = Duration::from_secs(2);
-/// How long a deleted session is remembered as revoked rather than expired;
-/// comfortably longer than the sweep period of every instance.
-pub const TOMBSTONE: Duration = Duration::from_secs(10 * 60);
 
 fn ms(d: Duration) -> u64 {
     d.as_millis().try_into().unwrap_or(u64::MAX)
@@ -257,10 +254,7 @@ impl SessionStore for RedisStore {
         // While unsubscribed our own PUBLISH would not come back to us, but
         // this instance's sockets for the session must still close now.
         if existed && !*self.inner.subscribed.borrow() {
-            let _ = self.inner.revocations.send(Revocation {
-                session_id: session_id.to_string(),
-                reason: EndReason::Revoked,
-            });
+            announce_revoked(&self.inner.revocations, session_id.to_string());
         }
         Ok(existed)
     }
@@ -353,11 +347,7 @@ impl SessionStore for RedisStore {
                 let expires_ms = Option::<i64>::from_redis_value(&pair[0]);
                 let revoked = bool::from_redis_value(&pair[1]);
                 match (expires_ms, revoked) {
-                    (Ok(Some(expires_ms)), _) => Ok(Liveness::Alive {
-                        expires_at: expires_ms / 1000,
-                    }),
-                    (Ok(None), Ok(true)) => Ok(Liveness::Gone(EndReason::Revoked)),
-                    (Ok(None), Ok(false)) => Ok(Liveness::Gone(EndReason::Expired)),
+                    (Ok(expires_ms), Ok(revoked)) => Ok(Liveness::from_store(expires_ms, revoked)),
                     (Err(e), _) | (_, Err(e)) => Err(describe("liveness", &e)),
                 }
             })

@@ -12,7 +12,7 @@ use tokio::time::{Instant, timeout};
 use super::conns::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
 use super::describe;
 use crate::ids::looks_like_id;
-use crate::session::{EndReason, Revocation, StoreError};
+use crate::session::{Revocation, StoreError, announce_revoked};
 
 /// A subscription on a silently dead socket would never notice; a periodic
 /// PING does.
@@ -80,10 +80,7 @@ async fn follow(
                     return StoreError("redis subscribe: connection lost".to_string());
                 };
                 match msg.get_payload::<String>() {
-                    Ok(session_id) if looks_like_id(&session_id) => {
-                        // No receivers is fine: no socket is open here.
-                        let _ = tx.send(Revocation { session_id, reason: EndReason::Revoked });
-                    }
+                    Ok(session_id) if looks_like_id(&session_id) => announce_revoked(tx, session_id),
                     _ => tracing::debug!("ignoring a malformed revocation message"),
                 }
             }

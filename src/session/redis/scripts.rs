@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use crate::session::{SessionRecord, SessionState};
+use crate::session::SessionRecord;
 
 /// Helpers shared by every script. `KEYS[1]` is always the session hash and
 /// `KEYS[2]` the lease set. Timestamps are formatted with `%d` because Lua
@@ -156,16 +156,5 @@ pub(super) fn to_record(
     id: &str,
     (user, created_ms, expires_ms, attached, live): RawRecord,
 ) -> SessionRecord {
-    SessionRecord {
-        id: id.to_string(),
-        user,
-        created_at: created_ms / 1000,
-        expires_at: expires_ms / 1000,
-        state: match (live, attached) {
-            (n, _) if n > 0 => SessionState::Active,
-            (_, 1) => SessionState::Detached,
-            _ => SessionState::Created,
-        },
-        connections: live,
-    }
+    SessionRecord::from_store(id, user, (created_ms, expires_ms), attached == 1, live)
 }
