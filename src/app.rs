@@ -15,12 +15,12 @@ use crate::session::{MemoryStore, RedisStore, Store, StoreError};
 use crate::shutdown::Shutdown;
 use crate::sockets::Sockets;
 use crate::telemetry::Metrics;
-use crate::token::TokenService;
+use crate::token::{KeyError, TokenService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("token keys: {0}")]
-    Tokens(String),
+    Tokens(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -46,7 +46,7 @@ pub struct App {
 impl App {
     pub async fn build(loaded: Loaded) -> Result<App, AppError> {
         let Loaded { config, keys, .. } = loaded;
-        let tokens = Arc::new(TokenService::new(&config.tokens, &keys).map_err(AppError::Tokens)?);
+        let tokens = Arc::new(TokenService::new(&config.tokens, &keys)?);
         let store = Arc::new(match config.sessions.store {
             StoreKind::Memory => Store::Memory(MemoryStore::new()),
             StoreKind::Redis => Store::Redis(

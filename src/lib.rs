@@ -26,7 +26,10 @@
 //!     [`auth`] (login backends, rate limit), [`routing`] (route table,
 //!     balancing).
 //! 11. [`config`]: the TOML tree, defaults, `validate()`.
-//! 12. [`ids`], [`time`], [`telemetry`], [`shutdown`]: leaves.
+//! 12. [`formats`]: the syntax of what config names (route paths, argon2id
+//!     hashes, private-key PEMs), read once for config's checks and for the
+//!     layers that use them.
+//! 13. [`ids`], [`time`], [`telemetry`], [`shutdown`]: leaves.
 //!
 //! Why this order: data flows down it. A request enters at the server, is
 //! dispatched by `http`, admitted by the `gate`, and its socket then lives
@@ -40,6 +43,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod formats;
 pub mod gate;
 pub mod http;
 pub mod hub;

@@ -1,4 +1,7 @@
-//! Login backends and the login rate limiter.
+//! Checks a login's username and password with the configured backend.
+//!
+//! The backends are `password` (static argon2id users) and `upstream` (the
+//! team's own verifier); `ratelimit` limits failed logins.
 
 pub mod password;
 pub mod ratelimit;

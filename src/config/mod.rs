@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::formats::private_key::Algorithm;
 pub use secret::{KeyMaterial, Secret};
 pub use validate::ValidatedKeys;
 
@@ -106,14 +107,6 @@ pub struct SessionsConfig {
     pub key_prefix: String,
     #[serde(default = "default_session_ttl")]
     pub ttl_secs: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum Algorithm {
-    HS256,
-    EdDSA,
-    ES256,
-    RS256,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -9,7 +9,9 @@ use super::defaults::DEFAULT_SIGNING_KEY_ENV;
 use super::{
     Algorithm, AuthKind, Config, ConfigError, KeyMaterial, Loaded, Mode, Secret, StoreKind,
 };
-use crate::routing::PathPattern;
+use crate::formats::password_hash::check_argon2id;
+use crate::formats::path::PathPattern;
+use crate::formats::private_key::parse_private_pem;
 
 /// Paths the gateway answers itself; no route may shadow them.
 const RESERVED_PREFIXES: &[&str] = &["/api/auth", "/api/session"];
@@ -134,8 +136,8 @@ pub(super) fn validate(
                         format!("{:?} is empty or listed twice", u.username),
                     ));
                 }
-                crate::auth::password::check_hash(&u.password_hash)
-                    .map_err(|m| err(&format!("auth.users[{i}].password_hash"), m))?;
+                check_argon2id(&u.password_hash)
+                    .map_err(|m| err(&format!("auth.users[{i}].password_hash"), m.to_string()))?;
             }
         }
         AuthKind::Upstream => {
@@ -400,8 +402,8 @@ fn check_key(file: &str, what: &str, alg: Algorithm, secret: &Secret) -> Result<
         ));
     }
     if alg != Algorithm::HS256 {
-        crate::token::keys::check_private_pem(alg, secret.expose())
-            .map_err(|m| ConfigError::new(file, what, m))?;
+        parse_private_pem(alg, secret.expose())
+            .map_err(|m| ConfigError::new(file, what, m.to_string()))?;
     }
     Ok(())
 }

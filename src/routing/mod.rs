@@ -1,10 +1,10 @@
 //! Which route a request path selects, and which upstream URL it maps to.
 
 pub mod balance;
-mod pattern;
 mod table;
 
-pub use pattern::PathPattern;
+/// Parsed by `formats`, which `config` checks route paths with too.
+pub use crate::formats::path::{PathPattern, PatternError};
 pub use table::{Route, RouteTable};
 
 /// Whether a request path has a `.` or `..` segment, raw or percent-encoded.

@@ -1,4 +1,5 @@
-//! The validated route table.
+//! The validated route table: the route a request path selects, and the
+//! upstream URL that route dials.
 
 use std::sync::Arc;
 

@@ -10,15 +10,12 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use super::{
-    Attach, EndReason, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord,
-    SessionState, SessionStore, StoreError,
+    Attach, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord, SessionStore,
+    StoreError, TOMBSTONE, announce_revoked,
 };
 use crate::ids::random_id;
 use crate::time::now_unix_ms;
 
-/// How long a deleted session is remembered as revoked (rather than expired)
-/// for the sweep's benefit.
-const TOMBSTONE_MS: i64 = 10 * 60 * 1000;
 const PURGE_EVERY: Duration = Duration::from_secs(1);
 
 struct Entry {
@@ -33,18 +30,13 @@ struct Entry {
 impl Entry {
     fn record(&self, id: &str, now: i64) -> SessionRecord {
         let live = self.leases.values().filter(|&&exp| exp > now).count() as u32;
-        SessionRecord {
-            id: id.to_string(),
-            user: self.user.clone(),
-            created_at: self.created_at_ms / 1000,
-            expires_at: self.expires_at_ms / 1000,
-            state: match (live, self.attached) {
-                (n, _) if n > 0 => SessionState::Active,
-                (_, true) => SessionState::Detached,
-                _ => SessionState::Created,
-            },
-            connections: live,
-        }
+        SessionRecord::from_store(
+            id,
+            self.user.clone(),
+            (self.created_at_ms, self.expires_at_ms),
+            self.attached,
+            live,
+        )
     }
 }
 
@@ -156,16 +148,12 @@ impl SessionStore for MemoryStore {
                 .is_some_and(|e| e.expires_at_ms > now);
             if existed {
                 maps.tombstones
-                    .insert(session_id.to_string(), now + TOMBSTONE_MS);
+                    .insert(session_id.to_string(), now + ms(TOMBSTONE));
             }
             existed
         };
         if existed {
-            // No receivers is fine: nobody holds a socket.
-            let _ = self.inner.revocations.send(Revocation {
-                session_id: session_id.to_string(),
-                reason: EndReason::Revoked,
-            });
+            announce_revoked(&self.inner.revocations, session_id.to_string());
         }
         Ok(existed)
     }
@@ -224,12 +212,13 @@ impl SessionStore for MemoryStore {
         let maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
         Ok(session_ids
             .iter()
-            .map(|id| match maps.sessions.get(id) {
-                Some(e) if e.expires_at_ms > now => Liveness::Alive {
-                    expires_at: e.expires_at_ms / 1000,
-                },
-                _ if maps.tombstones.contains_key(id) => Liveness::Gone(EndReason::Revoked),
-                _ => Liveness::Gone(EndReason::Expired),
+            .map(|id| {
+                let expires_at_ms = maps
+                    .sessions
+                    .get(id)
+                    .map(|e| e.expires_at_ms)
+                    .filter(|&exp| exp > now);
+                Liveness::from_store(expires_at_ms, maps.tombstones.contains_key(id))
             })
             .collect())
     }

@@ -29,6 +29,19 @@ pub enum SessionState {
 }
 
 impl SessionState {
+    /// The rule both stores apply to what they keep: any live lease makes a
+    /// session ACTIVE; none, after a socket attached (and no `mark_idle`
+    /// since), DETACHED; otherwise CREATED.
+    pub fn from_counts(live_leases: u32, attached: bool) -> Self {
+        if live_leases > 0 {
+            SessionState::Active
+        } else if attached {
+            SessionState::Detached
+        } else {
+            SessionState::Created
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             SessionState::Created => "CREATED",
@@ -52,22 +65,34 @@ pub struct SessionRecord {
     pub connections: u32,
 }
 
+impl SessionRecord {
+    /// The record from what both stores keep: Unix-ms times, whether a
+    /// socket attached since the last `mark_idle`, and the live leases.
+    fn from_store(
+        id: &str,
+        user: String,
+        (created_at_ms, expires_at_ms): (i64, i64),
+        attached: bool,
+        live_leases: u32,
+    ) -> Self {
+        SessionRecord {
+            id: id.to_string(),
+            user,
+            created_at: created_at_ms / 1000,
+            expires_at: expires_at_ms / 1000,
+            state: SessionState::from_counts(live_leases, attached),
+            connections: live_leases,
+        }
+    }
+}
+
 /// Why a session's sockets must close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndReason {
-    /// Logged out or deleted: `1008 session_revoked`.
+    /// Logged out or deleted (closed as `sockets::close::SESSION_REVOKED`).
     Revoked,
-    /// Its TTL ran out: `1008 session_expired`.
+    /// Its TTL ran out (closed as `sockets::close::SESSION_EXPIRED`).
     Expired,
-}
-
-impl EndReason {
-    pub fn close_reason(self) -> &'static str {
-        match self {
-            EndReason::Revoked => "session_revoked",
-            EndReason::Expired => "session_expired",
-        }
-    }
 }
 
 /// A session ended somewhere; every instance closes its sockets for it.
@@ -76,6 +101,19 @@ pub struct Revocation {
     pub session_id: String,
     pub reason: EndReason,
 }
+
+/// Tells this instance's sockets that `session_id` was revoked. No receivers
+/// is fine: no socket for it is open here.
+fn announce_revoked(revocations: &broadcast::Sender<Revocation>, session_id: String) {
+    let _ = revocations.send(Revocation {
+        session_id,
+        reason: EndReason::Revoked,
+    });
+}
+
+/// How long a deleted session is remembered as revoked rather than expired;
+/// comfortably longer than the sweep period of every instance.
+pub const TOMBSTONE: Duration = Duration::from_secs(10 * 60);
 
 /// The outcome of asking for a socket lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +134,20 @@ pub enum Liveness {
         expires_at: i64,
     },
     Gone(EndReason),
+}
+
+impl Liveness {
+    /// What both stores answer from a session's expiry (Unix ms, `None` when
+    /// it is gone) and whether its tombstone is still kept.
+    fn from_store(expires_at_ms: Option<i64>, tombstone: bool) -> Self {
+        match expires_at_ms {
+            Some(ms) => Liveness::Alive {
+                expires_at: ms / 1000,
+            },
+            None if tombstone => Liveness::Gone(EndReason::Revoked),
+            None => Liveness::Gone(EndReason::Expired),
+        }
+    }
 }
 
 /// The store could not be reached or answered nonsense. Always retryable:

@@ -5,7 +5,7 @@
 //! without logging everybody out.
 
 pub mod credentials;
-pub mod keys;
+mod keys;
 
 use std::collections::HashMap;
 
@@ -13,6 +13,7 @@ use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation, errors::ErrorKi
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Algorithm, TokensConfig, ValidatedKeys};
+pub use crate::formats::private_key::KeyError;
 use crate::ids::random_id;
 use crate::time::now_unix;
 
@@ -88,14 +89,16 @@ fn jwt_alg(alg: Algorithm) -> jsonwebtoken::Algorithm {
 }
 
 impl TokenService {
-    pub fn new(cfg: &TokensConfig, keys: &ValidatedKeys) -> Result<Self, String> {
-        let encoding = keys::encoding_key(cfg.algorithm, keys.signing.secret.expose())?;
-        let mut decoding = HashMap::new();
-        let mut jwks = Vec::new();
-        for k in std::iter::once(&keys.signing).chain(keys.previous.iter()) {
-            let half = keys::public_half(cfg.algorithm, &k.kid, k.secret.expose())?;
-            decoding.insert(k.kid.clone(), half.decoding);
-            jwks.extend(half.jwk);
+    /// Fails only for key material `config` would have refused.
+    pub fn new(cfg: &TokensConfig, keys: &ValidatedKeys) -> Result<Self, KeyError> {
+        let signing = &keys.signing;
+        let signing_key = keys::token_key(cfg.algorithm, &signing.kid, signing.secret.expose())?;
+        let mut decoding = HashMap::from([(signing.kid.clone(), signing_key.decoding)]);
+        let mut jwks = Vec::from_iter(signing_key.jwk);
+        for k in &keys.previous {
+            let key = keys::token_key(cfg.algorithm, &k.kid, k.secret.expose())?;
+            decoding.insert(k.kid.clone(), key.decoding);
+            jwks.extend(key.jwk);
         }
         let alg = jwt_alg(cfg.algorithm);
         let mut validation = Validation::new(alg);
@@ -106,7 +109,7 @@ impl TokenService {
         Ok(TokenService {
             alg,
             kid: cfg.kid.clone(),
-            encoding,
+            encoding: signing_key.encoding,
             decoding,
             validation,
             issuer: cfg.issuer.clone(),

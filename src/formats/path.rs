@@ -1,5 +1,17 @@
 //! Route path patterns: an exact path, or a prefix when it ends in `/*`.
 
+/// Why a `[[routes]].path` is not a pattern; config errors print it after the
+/// path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("must start with '/'")]
+    NoLeadingSlash,
+    #[error("must not contain a query or fragment")]
+    QueryOrFragment,
+    #[error("'*' is allowed only as a final \"/*\"")]
+    InnerStar,
+}
+
 /// A parsed `[[routes]].path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathPattern {
@@ -9,21 +21,21 @@ pub enum PathPattern {
 }
 
 impl PathPattern {
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, PatternError> {
         if !raw.starts_with('/') {
-            return Err("must start with '/'".into());
+            return Err(PatternError::NoLeadingSlash);
         }
         if raw.contains(['?', '#']) {
-            return Err("must not contain a query or fragment".into());
+            return Err(PatternError::QueryOrFragment);
         }
         if let Some(base) = raw.strip_suffix("/*") {
             if base.contains('*') {
-                return Err("'*' is allowed only as a final \"/*\"".into());
+                return Err(PatternError::InnerStar);
             }
             return Ok(PathPattern::Prefix(base.to_string()));
         }
         if raw.contains('*') {
-            return Err("'*' is allowed only as a final \"/*\"".into());
+            return Err(PatternError::InnerStar);
         }
         Ok(PathPattern::Exact(raw.to_string()))
     }
@@ -97,9 +109,22 @@ mod tests {
 
     #[test]
     fn rejects_malformed() {
-        assert!(PathPattern::parse("ws").is_err());
-        assert!(PathPattern::parse("/a/*/b").is_err());
-        assert!(PathPattern::parse("/a*").is_err());
-        assert!(PathPattern::parse("/a?x=1").is_err());
+        let err = |raw| PathPattern::parse(raw).unwrap_err();
+        assert_eq!(err("ws"), PatternError::NoLeadingSlash);
+        assert_eq!(err("/a/*/b"), PatternError::InnerStar);
+        assert_eq!(err("/a*"), PatternError::InnerStar);
+        assert_eq!(err("/a?x=1"), PatternError::QueryOrFragment);
+    }
+
+    #[test]
+    fn errors_read_as_config_messages() {
+        assert_eq!(
+            PatternError::NoLeadingSlash.to_string(),
+            "must start with '/'"
+        );
+        assert_eq!(
+            PatternError::InnerStar.to_string(),
+            "'*' is allowed only as a final \"/*\""
+        );
     }
 }

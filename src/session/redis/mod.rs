@@ -1,0 +1,370 @@
+//! Session store shared by every gateway instance through Redis.
+//!
+//! Each operation that reads-then-writes is one Lua script, so two instances
+//! racing on the same session (two sockets attaching at the per-session
+//! limit, a delete during an attach) see a consistent answer, and a key is
+//! never written without its expiry. Times come from the Redis clock (`TIME`)
+//! so lease expiries written by different instances compare correctly even if
+//! their clocks drift.
+//!
+//! The scripts live in `scripts`, the command connections in `conns` and the
+//! revocation subscription in `pubsub`; this file is the store itself.
+//!
+//! # Keys
+//!
+//! The session id sits in a hash tag (`{sid}`) so one session's keys share a
+//! Redis Cluster slot and a script may touch all of them:
+//!
+//! - `<prefix>:session:{sid}`: hash `user`, `created_at`, `expires_at` (Unix
+//!   ms), `attached` (`0`/`1`); its TTL is the session's.
+//! - `<prefix>:conns:{sid}`: sorted set, member = connection id, score =
+//!   lease expiry (Unix ms); same TTL as the session.
+//! - `<prefix>:revoked:{sid}`: tombstone kept [`TOMBSTONE`] after a delete,
+//!   so the sweep can tell "revoked" from "expired".
+//! - channel `<prefix>:revocations`: the id of every deleted session.
+//!
+//! # Failure
+//!
+//! Redis being down is an ordinary, retryable condition: [`RedisStore::connect`]
+//! succeeds without it, every call fails within [`OP_DEADLINE`], and calls work
+//! again once Redis is back, without rebuilding the store.
+
+mod conns;
+mod pubsub;
+mod scripts;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Client, FromRedisValue, RedisError, RedisResult, Script, ScriptInvocation, Value};
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::time::timeout;
+
+use super::{
+    Attach, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord, SessionStore,
+    StoreError, TOMBSTONE, announce_revoked,
+};
+use crate::ids::random_id;
+use conns::Commands;
+use pubsub::listen;
+use scripts::{ATTACH, CREATE, DELETE, GET, MARK_IDLE, RENEW, RawRecord, TOUCH, to_record};
+
+/// Bounds a whole store call, reconnect and one retry included.
+pub const OP_DEADLINE: Duration = Duration::from_secs(2);
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
+}
+
+/// Key names; the braces make the session id the Cluster hash tag.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn session(&self, sid: &str) -> String {
+        format!("{}:session:{{{sid}}}", self.prefix)
+    }
+    fn conns(&self, sid: &str) -> String {
+        format!("{}:conns:{{{sid}}}", self.prefix)
+    }
+    fn revoked(&self, sid: &str) -> String {
+        format!("{}:revoked:{{{sid}}}", self.prefix)
+    }
+    fn channel(&self) -> String {
+        format!("{}:revocations", self.prefix)
+    }
+}
+
+/// A short description for logs and `StoreError`: the kind of failure, never
+/// the server's text (which may echo keys) or the URL (which may hold a
+/// password).
+fn describe(op: &str, e: &RedisError) -> StoreError {
+    let what = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connection_refusal() {
+        "connection refused".to_string()
+    } else if e.is_connection_dropped() {
+        "connection lost".to_string()
+    } else if e.is_io_error() {
+        "I/O error".to_string()
+    } else {
+        format!("{:?}", e.kind())
+    };
+    StoreError(format!("redis {op}: {what}"))
+}
+
+/// Sessions in Redis, shared by every gateway instance using the same URL and
+/// key prefix.
+pub struct RedisStore {
+    /// Behind a pointer so the `Store` enum stays small.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    commands: Commands,
+    keys: Keys,
+    revocations: broadcast::Sender<Revocation>,
+    subscribed: watch::Receiver<bool>,
+    /// Dropped with the store, which ends the subscription task.
+    _stop_listener: oneshot::Sender<()>,
+}
+
+impl RedisStore {
+    /// Never fails because Redis is unreachable, only for a malformed URL:
+    /// the gateway must start and report unready until Redis comes up. Waits
+    /// briefly (bounded) for the revocation subscription so that an instance
+    /// that has just started does not miss the first revocations.
+    ///
+    /// Must be called inside a Tokio runtime (it starts the subscription
+    /// task).
+    pub async fn connect(redis_url: &str, key_prefix: &str) -> Result<RedisStore, StoreError> {
+        let client = Client::open(redis_url)
+            .map_err(|e| StoreError(format!("invalid redis url: {:?}", e.kind())))?;
+        let keys = Keys {
+            prefix: key_prefix.to_string(),
+        };
+        let (revocations, _) = broadcast::channel(REVOCATION_CHANNEL);
+        let (subscribed_tx, subscribed) = watch::channel(false);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        tokio::spawn(listen(
+            client.clone(),
+            keys.channel(),
+            revocations.clone(),
+            subscribed_tx,
+            stop_rx,
+        ));
+        let store = RedisStore {
+            inner: Arc::new(Inner {
+                commands: Commands::new(client),
+                keys,
+                revocations,
+                subscribed,
+                _stop_listener: stop_tx,
+            }),
+        };
+        let warm_up = async {
+            if store.inner.commands.manager().await.is_ok() {
+                let _ = store.subscription().wait_for(|s| *s).await;
+            }
+        };
+        let _ = timeout(OP_DEADLINE, warm_up).await;
+        Ok(store)
+    }
+
+    /// Whether revocations announced by other instances currently reach this
+    /// one. While `false` (Redis away), they are caught only by the liveness
+    /// sweep; readiness checks and tests can wait on it instead of guessing.
+    pub fn subscription(&self) -> watch::Receiver<bool> {
+        self.inner.subscribed.clone()
+    }
+
+    /// Runs `f` on the shared connection within `OP_DEADLINE`, retrying once
+    /// if the connection turned out to be dead: every script is written to
+    /// be safe to run twice, because after a dropped connection we cannot
+    /// know whether Redis ran it.
+    async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let used = AtomicU64::new(0);
+        let attempts = async {
+            let mut retried = false;
+            loop {
+                let (generation, conn) = self.inner.commands.manager().await?;
+                used.store(generation, Ordering::Relaxed);
+                match f(conn).await {
+                    Err(e) if !retried && e.is_unrecoverable_error() => retried = true,
+                    Err(e) => {
+                        if e.is_timeout() {
+                            self.inner.commands.forget(generation);
+                        }
+                        return Err(e);
+                    }
+                    ok => return ok,
+                }
+            }
+        };
+        match timeout(OP_DEADLINE, attempts).await {
+            Ok(result) => result.map_err(|e| describe(op, &e)),
+            Err(_) => {
+                self.inner.commands.forget(used.load(Ordering::Relaxed));
+                Err(StoreError(format!("redis {op}: timed out")))
+            }
+        }
+    }
+
+    async fn eval<T>(&self, op: &'static str, inv: &ScriptInvocation<'_>) -> Result<T, StoreError>
+    where
+        T: FromRedisValue + Send,
+    {
+        self.run(
+            op,
+            |mut conn| async move { inv.invoke_async(&mut conn).await },
+        )
+        .await
+    }
+
+    fn invocation<'a>(&self, script: &'a Script, sid: &str) -> ScriptInvocation<'a> {
+        let mut inv = script.prepare_invoke();
+        inv.key(self.inner.keys.session(sid))
+            .key(self.inner.keys.conns(sid));
+        inv
+    }
+}
+
+impl SessionStore for RedisStore {
+    async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, StoreError> {
+        let id = random_id();
+        let mut inv = self.invocation(&CREATE, &id);
+        inv.arg(user).arg(ms(ttl));
+        let raw: RawRecord = self.eval("create", &inv).await?;
+        Ok(to_record(&id, raw))
+    }
+
+    async fn get(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let inv = self.invocation(&GET, session_id);
+        let raw: Option<RawRecord> = self.eval("get", &inv).await?;
+        Ok(raw.map(|r| to_record(session_id, r)))
+    }
+
+    async fn touch(
+        &self,
+        session_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let mut inv = self.invocation(&TOUCH, session_id);
+        inv.arg(ms(ttl));
+        let raw: Option<RawRecord> = self.eval("touch", &inv).await?;
+        Ok(raw.map(|r| to_record(session_id, r)))
+    }
+
+    async fn delete(&self, session_id: &str) -> Result<bool, StoreError> {
+        let mut inv = self.invocation(&DELETE, session_id);
+        inv.key(self.inner.keys.revoked(session_id))
+            .arg(self.inner.keys.channel())
+            .arg(session_id)
+            .arg(random_id())
+            .arg(ms(TOMBSTONE));
+        let existed: bool = self.eval("delete", &inv).await?;
+        // While unsubscribed our own PUBLISH would not come back to us, but
+        // this instance's sockets for the session must still close now.
+        if existed && !*self.inner.subscribed.borrow() {
+            announce_revoked(&self.inner.revocations, session_id.to_string());
+        }
+        Ok(existed)
+    }
+
+    async fn attach(&self, req: LeaseRequest<'_>) -> Result<Attach, StoreError> {
+        let mut inv = self.invocation(&ATTACH, req.session_id);
+        inv.arg(req.conn_id)
+            .arg(ms(req.lease))
+            .arg(req.max_per_session)
+            .arg(ms(req.session_ttl));
+        let answer: Value = self.eval("attach", &inv).await?;
+        match answer {
+            Value::Int(0) => Ok(Attach::NotFound),
+            Value::Int(1) => Ok(Attach::Full),
+            other => {
+                let raw =
+                    RawRecord::from_redis_value(&other).map_err(|e| describe("attach", &e))?;
+                Ok(Attach::Attached(to_record(req.session_id, raw)))
+            }
+        }
+    }
+
+    async fn renew(
+        &self,
+        session_id: &str,
+        conn_ids: &[String],
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        if conn_ids.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.invocation(&RENEW, session_id);
+        inv.arg(ms(lease)).arg(conn_ids);
+        self.eval::<i64>("renew", &inv).await.map(drop)
+    }
+
+    /// One pipeline of plain `ZREM`s, not a script: removing a member never
+    /// creates the key, so it needs no existence check and is safe to repeat
+    /// on a retry, and it costs Redis a fraction of an `EVALSHA`; a pipeline
+    /// because the leases may live in different Cluster slots.
+    async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (session_id, conn_id) in leases {
+            pipe.cmd("ZREM")
+                .arg(self.inner.keys.conns(session_id))
+                .arg(conn_id)
+                .ignore();
+        }
+        let pipe = &pipe;
+        self.run("detach", |mut conn| async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
+
+    async fn mark_idle(&self, session_id: &str) -> Result<(), StoreError> {
+        let inv = self.invocation(&MARK_IDLE, session_id);
+        self.eval::<i64>("mark_idle", &inv).await.map(drop)
+    }
+
+    /// A pipeline rather than one script: the ids live in different Cluster
+    /// slots, and nothing here needs the two reads per id to be atomic (the
+    /// tombstone is written in the same step that removes the session).
+    async fn liveness(&self, session_ids: &[String]) -> Result<Vec<Liveness>, StoreError> {
+        if session_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in session_ids {
+            pipe.cmd("HGET")
+                .arg(self.inner.keys.session(id))
+                .arg("expires_at");
+            pipe.cmd("EXISTS").arg(self.inner.keys.revoked(id));
+        }
+        let pipe = &pipe;
+        let answers: Vec<Value> = self
+            .run("liveness", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        if answers.len() != 2 * session_ids.len() {
+            return Err(StoreError("redis liveness: short answer".to_string()));
+        }
+        answers
+            .chunks_exact(2)
+            .map(|pair| {
+                let expires_ms = Option::<i64>::from_redis_value(&pair[0]);
+                let revoked = bool::from_redis_value(&pair[1]);
+                match (expires_ms, revoked) {
+                    (Ok(expires_ms), Ok(revoked)) => Ok(Liveness::from_store(expires_ms, revoked)),
+                    (Err(e), _) | (_, Err(e)) => Err(describe("liveness", &e)),
+                }
+            })
+            .collect()
+    }
+
+    fn revocations(&self) -> broadcast::Receiver<Revocation> {
+        self.inner.revocations.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let ping = redis::cmd("PING");
+        let ping = &ping;
+        self.run("ping", |mut conn| async move {
+            ping.query_async::<String>(&mut conn).await
+        })
+        .await
+        .map(drop)
+    }
+}
