@@ -118,8 +118,12 @@ fi
 # ---------------------------------------------------------------- build
 
 if [ "$BUILD" = 1 ]; then
-    echo "== cargo build --release --bins"
-    (cd "$ROOT" && cargo build --release --bins)
+    # Both crates of the workspace (gateway, bench/tool), in one build: plain
+    # `--bins` at the root would build only the gateway. Built together, the
+    # shared dependencies get one feature set, as before the tool had its own
+    # crate; both binaries land in target/release.
+    echo "== cargo build --release -p portcullis -p portcullis-bench"
+    (cd "$ROOT" && cargo build --release -p portcullis -p portcullis-bench)
 fi
 BIN="$ROOT/target/release"
 BENCH="$BIN/portcullis-bench"
