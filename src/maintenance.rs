@@ -1,18 +1,32 @@
-//! Background work that keeps this instance's open sockets honest:
+//! Background work that keeps this instance's open sockets honest, at a
+//! store cost that does not grow with idle sockets:
 //!
 //! - **revocations**: a session ended on any instance → close its sockets
-//!   here (the fast path, via the store's pub/sub);
-//! - **sweep**: sessions near their known expiry are checked every tick and
-//!   every session with sockets here every few seconds, in batched store
-//!   calls, so an expiry — or a revocation whose message was lost while the
-//!   store restarted — still closes the sockets;
-//! - **leases**: renew the store leases of sockets still open, so a crashed
-//!   instance's sockets stop counting once their leases lapse.
+//!   here (pushed through the store's pub/sub);
+//! - **expiry**: each session is looked up in the store once, when its
+//!   known expiry comes (one timer for the whole instance, over a due-time
+//!   index in the registry); a session refreshed elsewhere is then found
+//!   alive with a later expiry and looked at again then;
+//! - **re-check after resubscribing**: a revocation published while this
+//!   instance's subscription was down is caught by checking every local
+//!   session once, right after the subscription is back (or when the local
+//!   broadcast lagged);
+//! - **audit**: one slow pass over every local session per
+//!   `sessions.audit_interval_secs`, spread evenly, one store command per
+//!   batch: the net under the net;
+//! - **heartbeat**: one store write per [`HEARTBEAT_EVERY`] keeps every
+//!   socket lease of this instance alive; a crashed instance's sockets stop
+//!   counting once its heartbeat lapses.
+//!
+//! Worst cases (README, "Revocation and expiry"): a revocation reaches a
+//! subscribed instance within a second; one published while its
+//! subscription was down, within a second of it resubscribing; an expiry
+//! closes within [`ABOUT_TO_EXPIRE_RECHECK`] plus a store round trip of the
+//! moment it happens.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -20,20 +34,29 @@ use crate::hub::Hubs;
 use crate::session::{EndReason, Liveness, SessionStore, Store};
 use crate::sockets::Sockets;
 use crate::telemetry::{Metrics, ReasonLabel};
-use crate::time::now_unix;
+use crate::time::now_unix_ms;
 
-/// Renewed well within `sockets::LEASE`, so two renewals can fail before a
-/// live socket stops counting.
-const RENEW_EVERY: Duration = Duration::from_secs(10);
-/// Expiry must close sockets within one second (SPEC §5).
-const SWEEP_TICK: Duration = Duration::from_millis(250);
-/// Every this many ticks, every session is checked, not just the due ones.
-const FULL_SWEEP_TICKS: u32 = 4;
-const SWEEP_BATCH: usize = 500;
+/// How often this instance renews its heartbeat.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// How long one heartbeat keeps this instance's leases alive. With the
+/// other instances' view refreshed at their own heartbeats, a crashed
+/// instance's sockets stop counting at most `HEARTBEAT_LEASE +
+/// HEARTBEAT_EVERY` (25 s) after its last heartbeat.
+pub const HEARTBEAT_LEASE: Duration = Duration::from_secs(20);
+/// A session the store calls alive but whose expiry has come (clocks, or
+/// the second boundary) is looked at again this soon.
+pub const ABOUT_TO_EXPIRE_RECHECK: Duration = Duration::from_millis(250);
+/// After a failed store call, the sessions it was about are retried this
+/// soon; meanwhile their sockets stay open (a revoked session cannot be
+/// told from a healthy one while the store is away).
+const STORE_DOWN_RECHECK: Duration = Duration::from_secs(1);
+/// Longest sleep of the expiry timer with nothing due: a bound, not a poll
+/// (it wakes early for any session that falls due sooner).
+const IDLE_WAIT: Duration = Duration::from_secs(60);
+const BATCH: usize = 500;
 /// A shared-route hub whose runtime dial failed is kept this long for a
 /// retry, then forgotten.
 const UNLINKED_HUB_TTL: Duration = Duration::from_secs(30);
-const RENEW_CONCURRENCY: usize = 32;
 
 /// What the maintenance tasks work on.
 #[derive(Clone)]
@@ -42,33 +65,30 @@ pub struct Maintenance {
     pub sockets: Sockets,
     pub hubs: Hubs,
     pub metrics: Arc<Metrics>,
+    /// One audit pass over every local session per this period.
+    pub audit_period: Duration,
 }
 
-/// Starts the three tasks on the current runtime; each ends when shutdown
-/// begins.
+/// Starts the tasks on the current runtime; each ends when shutdown begins.
 pub fn spawn(m: Maintenance) {
-    let wake = Arc::new(Notify::new());
-    tokio::spawn(revocations(m.clone(), wake.clone()));
-    tokio::spawn(sweep(m.clone(), wake));
-    tokio::spawn(renew(m));
+    let recheck = Arc::new(Notify::new());
+    tokio::spawn(revocations(m.clone(), recheck.clone()));
+    tokio::spawn(resubscriptions(m.clone(), recheck.clone()));
+    tokio::spawn(rechecks(m.clone(), recheck));
+    tokio::spawn(expiry(m.clone()));
+    tokio::spawn(audit(m.clone()));
+    tokio::spawn(heartbeat(m));
 }
 
-fn count_end(m: &Maintenance, reason: EndReason) {
-    let reason = match reason {
-        EndReason::Revoked => "revoked",
-        EndReason::Expired => "expired",
-    };
-    m.metrics
-        .sessions_revoked
-        .get_or_create(&ReasonLabel { reason })
-        .inc();
+fn ms(d: Duration) -> i64 {
+    d.as_millis() as i64
 }
 
-async fn revocations(m: Maintenance, wake: Arc<Notify>) {
+async fn revocations(m: Maintenance, recheck: Arc<Notify>) {
     let mut rx = m.store.revocations();
     loop {
         let msg = tokio::select! {
-            m = rx.recv() => m,
+            msg = rx.recv() => msg,
             _ = m.sockets.shutdown().begun() => return,
         };
         match msg {
@@ -81,77 +101,142 @@ async fn revocations(m: Maintenance, wake: Arc<Notify>) {
                     tracing::info!(session = %rev.session_id, sockets = n, "closing sockets of ended session");
                 }
             }
-            // Missed some: let the sweep find them now rather than later.
-            Err(RecvError::Lagged(_)) => wake.notify_one(),
+            // Missed some: look at every local session now.
+            Err(RecvError::Lagged(_)) => recheck.notify_one(),
             Err(RecvError::Closed) => return,
         }
     }
 }
 
-async fn sweep(m: Maintenance, wake: Arc<Notify>) {
-    let mut tick = tokio::time::interval(SWEEP_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u32 = 0;
+/// Asks for a full re-check each time the subscription comes back after a
+/// loss: what was published meanwhile never reached this instance.
+async fn resubscriptions(m: Maintenance, recheck: Arc<Notify>) {
+    let mut subscribed = m.store.subscription();
+    let mut was_up = *subscribed.borrow_and_update();
     loop {
-        let full = tokio::select! {
-            _ = tick.tick() => { n = n.wrapping_add(1); n % FULL_SWEEP_TICKS == 0 }
-            _ = wake.notified() => true,
+        tokio::select! {
+            changed = subscribed.changed() => if changed.is_err() { return },
             _ = m.sockets.shutdown().begun() => return,
-        };
-        if full {
-            m.hubs.prune_unlinked(UNLINKED_HUB_TTL);
         }
-        let due_by = (!full).then(now_unix);
-        let rows = m.sockets.registry().snapshot(due_by);
-        for chunk in rows.chunks(SWEEP_BATCH) {
-            let ids: Vec<String> = chunk.iter().map(|r| r.session_id.clone()).collect();
-            let Ok(states) = m.store.liveness(&ids).await else {
-                // Store down: existing sockets stay open (we cannot tell a
-                // revoked session from a healthy one); the next tick retries.
-                m.metrics.store_errors.inc();
+        let up = *subscribed.borrow_and_update();
+        if up && !was_up {
+            m.metrics.resubscribe_rechecks.inc();
+            recheck.notify_one();
+        }
+        was_up = up;
+    }
+}
+
+async fn rechecks(m: Maintenance, recheck: Arc<Notify>) {
+    loop {
+        tokio::select! {
+            _ = recheck.notified() => {}
+            _ = m.sockets.shutdown().begun() => return,
+        }
+        let ids = m.sockets.registry().session_ids();
+        tracing::info!(sessions = ids.len(), "re-checking every local session");
+        for chunk in ids.chunks(BATCH) {
+            check(&m, chunk).await;
+        }
+    }
+}
+
+/// The instance's one expiry timer: sleeps until the first session is due
+/// (or an earlier one registers), then looks the due ones up.
+async fn expiry(m: Maintenance) {
+    let registry = m.sockets.registry();
+    loop {
+        let now = now_unix_ms();
+        let wait = registry.next_due().map_or(IDLE_WAIT, |t| {
+            Duration::from_millis(t.saturating_sub(now).max(0) as u64)
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(wait.min(IDLE_WAIT)) => {}
+            _ = registry.earlier_due() => continue,
+            _ = m.sockets.shutdown().begun() => return,
+        }
+        loop {
+            let due = registry.due(now_unix_ms(), BATCH);
+            if due.is_empty() {
                 break;
-            };
-            for (id, state) in ids.iter().zip(states) {
-                match state {
-                    Liveness::Alive { expires_at } => {
-                        m.sockets.registry().set_expiry(id, expires_at)
+            }
+            check(&m, &due).await;
+        }
+    }
+}
+
+/// Looks sessions up and acts on the answer: closes the ended ones, moves
+/// the live ones' next look to their (possibly slid) expiry.
+async fn check(m: &Maintenance, ids: &[String]) {
+    let registry = m.sockets.registry();
+    let Ok(states) = m.store.liveness(ids).await else {
+        // Store down: existing sockets stay open; look again soon.
+        m.metrics.store_errors.inc();
+        let retry = now_unix_ms() + ms(STORE_DOWN_RECHECK);
+        for id in ids {
+            registry.recheck_at(id, retry);
+        }
+        return;
+    };
+    let now = now_unix_ms();
+    for (id, state) in ids.iter().zip(states) {
+        match state {
+            Liveness::Alive { expires_at } if expires_at * 1000 > now => {
+                registry.set_expiry(id, expires_at)
+            }
+            Liveness::Alive { .. } => registry.recheck_at(id, now + ms(ABOUT_TO_EXPIRE_RECHECK)),
+            Liveness::Gone(reason) => {
+                if registry.close_session(id, reason) > 0 {
+                    if reason == EndReason::Expired {
+                        m.metrics
+                            .sessions_revoked
+                            .get_or_create(&ReasonLabel { reason: "expired" })
+                            .inc();
                     }
-                    Liveness::Gone(reason) => {
-                        if m.sockets.registry().close_session(id, reason) > 0 {
-                            if reason == EndReason::Expired {
-                                count_end(&m, reason);
-                            }
-                            tracing::info!(session = %id, ?reason, "sweep closed sockets of ended session");
-                        }
-                    }
+                    tracing::info!(session = %id, ?reason, "closed sockets of ended session");
                 }
             }
         }
     }
 }
 
-async fn renew(m: Maintenance) {
-    let mut tick = tokio::time::interval(RENEW_EVERY);
+/// One pass per `audit_period`: a batch at a time, evenly spaced, each
+/// first counted with one store command and looked at in detail only when
+/// some of it is gone.
+async fn audit(m: Maintenance) {
+    loop {
+        let ids = m.sockets.registry().session_ids();
+        let batches = ids.len().div_ceil(BATCH).max(1);
+        let gap = m.audit_period / batches as u32;
+        let mut chunks = ids.chunks(BATCH);
+        for _ in 0..batches {
+            tokio::select! {
+                _ = tokio::time::sleep(gap) => {}
+                _ = m.sockets.shutdown().begun() => return,
+            }
+            let Some(chunk) = chunks.next() else { continue };
+            match m.store.count_live(chunk).await {
+                Ok(n) if n == chunk.len() => {}
+                Ok(_) => check(&m, chunk).await,
+                Err(_) => {
+                    m.metrics.store_errors.inc();
+                }
+            }
+        }
+        m.hubs.prune_unlinked(UNLINKED_HUB_TTL);
+    }
+}
+
+async fn heartbeat(m: Maintenance) {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = m.sockets.shutdown().begun() => return,
         }
-        let rows = m.sockets.registry().snapshot(None);
-        futures_util::stream::iter(rows)
-            .for_each_concurrent(RENEW_CONCURRENCY, |row| {
-                let m = m.clone();
-                async move {
-                    if m.store
-                        .renew(&row.session_id, &row.conn_ids, crate::sockets::LEASE)
-                        .await
-                        .is_err()
-                    {
-                        m.metrics.store_errors.inc();
-                    }
-                }
-            })
-            .await;
+        if m.store.heartbeat(HEARTBEAT_LEASE).await.is_err() {
+            m.metrics.store_errors.inc();
+        }
     }
 }

@@ -149,6 +149,7 @@ pub async fn run_until_signal(
         sockets: app.sockets.clone(),
         hubs: app.hubs.clone(),
         metrics: app.metrics.clone(),
+        audit_period: Duration::from_secs(app.config.sessions.audit_interval_secs),
     });
     let mut shards = Vec::new();
     for (i, std_listener) in listeners.into_iter().enumerate() {

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub sessions_created: Counter,
     pub sessions_revoked: Family<ReasonLabel, Counter>,
     pub store_errors: Counter,
+    /// Full re-checks of the local sessions after the revocation
+    /// subscription came back.
+    pub resubscribe_rechecks: Counter,
     /// Refused requests (API and upgrades) by whose fault.
     pub refusals: Family<FaultLabel, Counter>,
     pub request_duration: Family<EndpointLabel, Histogram>,
@@ -84,6 +87,12 @@ impl Metrics {
             "store_errors",
             "Session store calls that failed",
             store_errors.clone(),
+        );
+        let resubscribe_rechecks = Counter::default();
+        registry.register(
+            "resubscribe_rechecks",
+            "Re-checks of every local session after the revocation subscription came back",
+            resubscribe_rechecks.clone(),
         );
         let refusals = Family::<FaultLabel, Counter>::default();
         registry.register(
@@ -124,6 +133,7 @@ impl Metrics {
             sessions_created,
             sessions_revoked,
             store_errors,
+            resubscribe_rechecks,
             refusals,
             request_duration,
             upgrades,

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use portcullis::session::{LeaseRequest, RedisStore};
+use portcullis::session::{LeaseRequest, RedisStore, SessionStore};
 use tokio::time::timeout;
 
 use support::redis::RedisServer;
@@ -20,7 +20,6 @@ fn lease<'a>(session_id: &'a str, conn_id: &'a str) -> LeaseRequest<'a> {
     LeaseRequest {
         session_id,
         conn_id,
-        lease: Duration::from_secs(30),
         max_per_session: 8,
         session_ttl: Duration::from_secs(60),
     }
@@ -238,46 +237,26 @@ mod cases {
             .expect("an empty batch is a no-op");
     }
 
-    pub async fn unrenewed_lease_expires<S: SessionStore>(store: &S) {
-        let created = store.create("alice", MINUTE).await.expect("create");
-        let short = |conn| LeaseRequest {
-            lease: Duration::from_millis(300),
-            max_per_session: 1,
-            ..lease(&created.id, conn)
-        };
-        assert_eq!(attached(store, short("c1")).await.connections, 1);
-        eventually("the unrenewed lease lapses", WAIT, || async {
-            get(store, &created.id).await.connections == 0
-        })
-        .await;
-        assert_eq!(get(store, &created.id).await.state, SessionState::Detached);
-        // The dead lease no longer counts against the limit.
-        assert_eq!(attached(store, short("c2")).await.connections, 1);
-    }
-
-    pub async fn renewed_lease_stays_alive<S: SessionStore>(store: &S) {
+    pub async fn a_heartbeating_instance_keeps_its_leases<S: SessionStore>(store: &S) {
         let created = store.create("alice", MINUTE).await.expect("create");
         let lease_for = Duration::from_millis(1000);
-        let short = |conn| LeaseRequest {
-            lease: lease_for,
-            ..lease(&created.id, conn)
-        };
-        attached(store, short("c1")).await;
-        attached(store, short("c2")).await;
-        // Only c1 is renewed. The sleeps pace the renewals, they do not
-        // synchronise anything: each renewal leaves 850 ms of slack.
-        let kept = ["c1".to_string()];
+        store.heartbeat(lease_for).await.expect("heartbeat");
+        attached(store, lease(&created.id, "c1")).await;
+        attached(store, lease(&created.id, "c2")).await;
+        // The sleeps pace the heartbeats, they do not synchronise anything:
+        // each leaves 850 ms of slack, and the run outlasts the lease.
         let started = tokio::time::Instant::now();
         while started.elapsed() < Duration::from_millis(1500) {
             tokio::time::sleep(Duration::from_millis(150)).await;
-            store
-                .renew(&created.id, &kept, lease_for)
-                .await
-                .expect("renew");
+            store.heartbeat(lease_for).await.expect("heartbeat");
         }
         let record = get(store, &created.id).await;
-        assert_eq!(record.connections, 1, "c1 renewed, c2 lapsed: {record:?}");
+        assert_eq!(record.connections, 2, "both leases held: {record:?}");
         assert_eq!(record.state, SessionState::Active);
+        // One heartbeat holds every lease of the instance: releasing one
+        // leaves the other counted.
+        store.detach(&created.id, "c2").await.expect("detach");
+        assert_eq!(get(store, &created.id).await.connections, 1);
     }
 
     pub async fn mark_idle_returns_to_created<S: SessionStore>(store: &S) {
@@ -310,17 +289,17 @@ mod cases {
 
     pub async fn calls_on_unknown_sessions_are_harmless<S: SessionStore>(store: &S) {
         let unknown = random_id();
-        let conns = ["c1".to_string()];
-        store
-            .renew(&unknown, &conns, MINUTE)
-            .await
-            .expect("renew unknown");
         store.detach(&unknown, "c1").await.expect("detach unknown");
         store.mark_idle(&unknown).await.expect("mark_idle unknown");
-        store
-            .renew(&unknown, &[], MINUTE)
-            .await
-            .expect("renew nothing");
+        store.heartbeat(MINUTE).await.expect("heartbeat");
+        assert_eq!(store.count_live(&[]).await.expect("count nothing"), 0);
+        assert_eq!(
+            store
+                .count_live(std::slice::from_ref(&unknown))
+                .await
+                .expect("count unknown"),
+            0
+        );
         assert!(!store.delete(&unknown).await.expect("delete unknown"));
         assert_eq!(store.get(&unknown).await.expect("get"), None);
     }
@@ -396,6 +375,14 @@ mod cases {
         assert_eq!(store.liveness(&ids).await.expect("liveness"), expected);
         assert_eq!(store.liveness(&[]).await.expect("liveness"), vec![]);
     }
+
+    pub async fn count_live_counts_existing_sessions<S: SessionStore>(store: &S) {
+        let kept = store.create("alice", MINUTE).await.expect("create");
+        let ended = store.create("alice", MINUTE).await.expect("create");
+        assert!(store.delete(&ended.id).await.expect("delete"));
+        let ids = [kept.id.clone(), ended.id.clone(), random_id(), kept.id];
+        assert_eq!(store.count_live(&ids).await.expect("count_live"), 2);
+    }
 }
 
 /// Generates `memory_store::<case>` and `redis_store::<case>` for each case.
@@ -434,8 +421,8 @@ conformance!(
     attach_beyond_limit_is_full,
     detach_leaves_session_detached,
     detach_many_releases_exactly_those_leases,
-    unrenewed_lease_expires,
-    renewed_lease_stays_alive,
+    a_heartbeating_instance_keeps_its_leases,
+    count_live_counts_existing_sessions,
     mark_idle_returns_to_created,
     attach_unknown_is_not_found,
     calls_on_unknown_sessions_are_harmless,
@@ -530,15 +517,18 @@ mod redis_only {
             ttl > 0 && ttl <= 60_000,
             "lease set PTTL after attach {ttl}"
         );
-        let expiry: i64 = redis::cmd("ZSCORE")
+        // The entry names its instance (whose heartbeat holds it) and is
+        // scored with its attach time.
+        let attached_at: i64 = redis::cmd("ZSCORE")
             .arg(&conns)
-            .arg("c1")
+            .arg(format!("{}:c1", store.instance_id()))
             .query_async(&mut raw)
             .await
             .expect("ZSCORE");
+        let now = now_unix_ms();
         assert!(
-            expiry > now_unix_ms(),
-            "lease expiry {expiry} is in the future"
+            (now - 5_000..=now).contains(&attached_at),
+            "entry scored {attached_at}, now {now}"
         );
 
         // Touch slides both keys, so leases never outlive or undercut the
@@ -567,8 +557,7 @@ mod redis_only {
             let s = store.create("alice", MINUTE).await.expect("create");
             store.attach(lease(&s.id, "c1")).await.expect("attach");
             store.attach(lease(&s.id, "c2")).await.expect("attach");
-            let kept = ["c1".to_string()];
-            store.renew(&s.id, &kept, MINUTE).await.expect("renew");
+            store.heartbeat(MINUTE).await.expect("heartbeat");
             store.detach(&s.id, "c2").await.expect("detach");
             store.touch(&s.id, MINUTE).await.expect("touch");
             store.mark_idle(&s.id).await.expect("mark_idle");
@@ -609,6 +598,79 @@ mod redis_only {
         assert_eq!(a.attach(limited("a2")).await.expect("attach"), Attach::Full);
         let seen = b.get(&created.id).await.expect("get").expect("exists");
         assert_eq!(seen.connections, 2);
+    }
+
+    #[tokio::test]
+    async fn an_instance_whose_heartbeat_lapses_stops_counting() {
+        let server = RedisServer::start().await;
+        let a = connect_redis(&server).await;
+        let b = connect_redis(&server).await;
+        let short = Duration::from_millis(300);
+        a.heartbeat(short).await.expect("heartbeat a");
+        b.heartbeat(short).await.expect("heartbeat b");
+        let created = a.create("alice", MINUTE).await.expect("create");
+        let one = |conn| LeaseRequest {
+            max_per_session: 1,
+            ..lease(&created.id, conn)
+        };
+        assert!(matches!(b.attach(one("b1")).await, Ok(Attach::Attached(_))));
+        assert_eq!(a.attach(one("a1")).await.expect("attach"), Attach::Full);
+        // B dies (stops its heartbeat); A keeps beating and stops counting
+        // B's socket once B's heartbeat and the freshness window lapse.
+        eventually("B's socket stops counting", WAIT, || async {
+            a.heartbeat(short).await.expect("heartbeat a");
+            a.get(&created.id)
+                .await
+                .expect("get")
+                .expect("exists")
+                .connections
+                == 0
+        })
+        .await;
+        // The next writer cleans the dead entry: A's socket fits the limit.
+        let record = match a.attach(one("a1")).await.expect("attach") {
+            Attach::Attached(r) => r,
+            other => panic!("expected Attached, got {other:?}"),
+        };
+        assert_eq!(record.connections, 1);
+        let mut raw = server.client().await;
+        let entries: Vec<String> = redis::cmd("ZRANGE")
+            .arg(key("conns", &created.id))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut raw)
+            .await
+            .expect("ZRANGE");
+        assert_eq!(entries, vec![format!("{}:a1", a.instance_id())]);
+    }
+
+    #[tokio::test]
+    async fn a_new_instance_counts_before_others_have_seen_its_heartbeat() {
+        let server = RedisServer::start().await;
+        let a = connect_redis(&server).await;
+        a.heartbeat(MINUTE).await.expect("heartbeat a");
+        // B starts after A's last look at the instance set.
+        let b = connect_redis(&server).await;
+        b.heartbeat(MINUTE).await.expect("heartbeat b");
+        let created = a.create("alice", MINUTE).await.expect("create");
+        let one = |conn| LeaseRequest {
+            max_per_session: 1,
+            ..lease(&created.id, conn)
+        };
+        assert!(matches!(b.attach(one("b1")).await, Ok(Attach::Attached(_))));
+        assert_eq!(
+            a.get(&created.id)
+                .await
+                .expect("get")
+                .expect("exists")
+                .connections,
+            1
+        );
+        assert_eq!(
+            a.attach(one("a1")).await.expect("attach"),
+            Attach::Full,
+            "B's fresh entry is not cleaned as dead"
+        );
     }
 
     #[tokio::test]

@@ -82,3 +82,6 @@ pub fn default_replay_frames() -> usize {
 pub fn default_replay_bytes() -> usize {
     4 * 1_048_576
 }
+pub fn default_audit_interval() -> u64 {
+    60
+}

@@ -107,6 +107,12 @@ pub struct SessionsConfig {
     pub key_prefix: String,
     #[serde(default = "default_session_ttl")]
     pub ttl_secs: u64,
+    /// One pass of the background audit over every session with a socket
+    /// here, per this many seconds: the latest a revocation whose message
+    /// was lost without any disconnect is enforced. Lower costs the store
+    /// more (one command per 500 sessions per pass).
+    #[serde(default = "default_audit_interval")]
+    pub audit_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -285,6 +291,7 @@ impl Default for SessionsConfig {
             redis_url: default_redis_url(),
             key_prefix: default_key_prefix(),
             ttl_secs: default_session_ttl(),
+            audit_interval_secs: default_audit_interval(),
         }
     }
 }

@@ -116,6 +116,12 @@ pub(super) fn validate(
     if ss.ttl_secs == 0 {
         return Err(err("sessions.ttl_secs", "must be at least 1".into()));
     }
+    if !(1..=3600).contains(&ss.audit_interval_secs) {
+        return Err(err(
+            "sessions.audit_interval_secs",
+            "must be 1 to 3600".into(),
+        ));
+    }
 
     let keys = load_keys(&config, file, env)?;
 

@@ -36,7 +36,7 @@ use crate::proxy::dial::{Dialled, UpstreamRequest, dial};
 use crate::proxy::relay::{self, Outcome, Pair, RelayConfig};
 use crate::routing::Route;
 use crate::session::{Attach, LeaseRequest, SessionRecord, SessionStore, Store};
-use crate::sockets::{Active, Held, LEASE, Sockets};
+use crate::sockets::{Active, Held, Sockets};
 use crate::telemetry::{Metrics, RouteResultLabel};
 use crate::token::{Claims, TokenError, TokenService, credentials};
 
@@ -164,7 +164,6 @@ impl Gate {
             .attach(LeaseRequest {
                 session_id: &claims.sid,
                 conn_id: &conn_id,
-                lease: LEASE,
                 max_per_session: self.settings.max_per_session,
                 session_ttl: self.settings.session_ttl,
             })

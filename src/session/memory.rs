@@ -2,12 +2,14 @@
 //!
 //! Expiry is enforced on every read and expired entries are purged in the
 //! background; the purge task holds only a `Weak` and ends with the store.
+//! Socket leases need no heartbeat here: the only instance is this process,
+//! and its sockets release their leases as they close.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use super::{
     Attach, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord, SessionStore,
@@ -23,13 +25,13 @@ struct Entry {
     created_at_ms: i64,
     expires_at_ms: i64,
     attached: bool,
-    /// conn id → lease expiry (Unix ms).
-    leases: HashMap<String, i64>,
+    /// Conn ids of the open sockets.
+    leases: HashSet<String>,
 }
 
 impl Entry {
-    fn record(&self, id: &str, now: i64) -> SessionRecord {
-        let live = self.leases.values().filter(|&&exp| exp > now).count() as u32;
+    fn record(&self, id: &str) -> SessionRecord {
+        let live = self.leases.len() as u32;
         SessionRecord::from_store(
             id,
             self.user.clone(),
@@ -50,6 +52,8 @@ struct Maps {
 struct Inner {
     maps: Mutex<Maps>,
     revocations: broadcast::Sender<Revocation>,
+    /// Always `true`: revocations never travel anywhere to be lost.
+    subscribed: watch::Sender<bool>,
 }
 
 pub struct MemoryStore {
@@ -69,6 +73,7 @@ impl MemoryStore {
         let inner = Arc::new(Inner {
             maps: Mutex::new(Maps::default()),
             revocations: tx,
+            subscribed: watch::channel(true).0,
         });
         tokio::spawn(purge(Arc::downgrade(&inner)));
         MemoryStore { inner }
@@ -115,16 +120,16 @@ impl SessionStore for MemoryStore {
             created_at_ms: now,
             expires_at_ms: now + ms(ttl),
             attached: false,
-            leases: HashMap::new(),
+            leases: HashSet::new(),
         };
-        let record = entry.record(&id, now);
+        let record = entry.record(&id);
         let mut maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
         maps.sessions.insert(id, entry);
         Ok(record)
     }
 
     async fn get(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        Ok(self.with_live(session_id, |e, now| e.record(session_id, now)))
+        Ok(self.with_live(session_id, |e, _| e.record(session_id)))
     }
 
     async fn touch(
@@ -134,7 +139,7 @@ impl SessionStore for MemoryStore {
     ) -> Result<Option<SessionRecord>, StoreError> {
         Ok(self.with_live(session_id, |e, now| {
             e.expires_at_ms = now + ms(ttl);
-            e.record(session_id, now)
+            e.record(session_id)
         }))
     }
 
@@ -160,32 +165,18 @@ impl SessionStore for MemoryStore {
 
     async fn attach(&self, req: LeaseRequest<'_>) -> Result<Attach, StoreError> {
         let out = self.with_live(req.session_id, |e, now| {
-            e.leases.retain(|_, &mut exp| exp > now);
-            if e.leases.len() as u32 >= req.max_per_session {
+            if e.leases.len() as u32 >= req.max_per_session && !e.leases.contains(req.conn_id) {
                 return Attach::Full;
             }
-            e.leases
-                .insert(req.conn_id.to_string(), now + ms(req.lease));
+            e.leases.insert(req.conn_id.to_string());
             e.attached = true;
             e.expires_at_ms = now + ms(req.session_ttl);
-            Attach::Attached(e.record(req.session_id, now))
+            Attach::Attached(e.record(req.session_id))
         });
         Ok(out.unwrap_or(Attach::NotFound))
     }
 
-    async fn renew(
-        &self,
-        session_id: &str,
-        conn_ids: &[String],
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.with_live(session_id, |e, now| {
-            for c in conn_ids {
-                if let Some(exp) = e.leases.get_mut(c) {
-                    *exp = now + ms(lease);
-                }
-            }
-        });
+    async fn heartbeat(&self, _lease: Duration) -> Result<(), StoreError> {
         Ok(())
     }
 
@@ -199,8 +190,8 @@ impl SessionStore for MemoryStore {
     }
 
     async fn mark_idle(&self, session_id: &str) -> Result<(), StoreError> {
-        self.with_live(session_id, |e, now| {
-            if !e.leases.values().any(|&exp| exp > now) {
+        self.with_live(session_id, |e, _| {
+            if e.leases.is_empty() {
                 e.attached = false;
             }
         });
@@ -223,8 +214,25 @@ impl SessionStore for MemoryStore {
             .collect())
     }
 
+    async fn count_live(&self, session_ids: &[String]) -> Result<usize, StoreError> {
+        let now = now_unix_ms();
+        let maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(session_ids
+            .iter()
+            .filter(|id| {
+                maps.sessions
+                    .get(*id)
+                    .is_some_and(|e| e.expires_at_ms > now)
+            })
+            .count())
+    }
+
     fn revocations(&self) -> broadcast::Receiver<Revocation> {
         self.inner.revocations.subscribe()
+    }
+
+    fn subscription(&self) -> watch::Receiver<bool> {
+        self.inner.subscribed.subscribe()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

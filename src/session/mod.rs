@@ -2,7 +2,7 @@
 //!
 //! A session is created in the store *before* any token for it exists, and a
 //! socket is accepted only while it still exists there. Open sockets hold
-//! *leases* in the store (renewed while they live, expiring if a gateway dies)
+//! *leases* in the store (held by their instance's heartbeat, lapsing if a gateway dies)
 //! so `connections` and `state` stay right across instances and crashes.
 
 pub mod memory;
@@ -11,7 +11,7 @@ pub mod redis;
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
@@ -161,8 +161,6 @@ pub struct StoreError(pub String);
 pub struct LeaseRequest<'a> {
     pub session_id: &'a str,
     pub conn_id: &'a str,
-    /// A lease not renewed within this long is dropped (the holder died).
-    pub lease: Duration,
     pub max_per_session: u32,
     /// The session TTL to slide to.
     pub session_ttl: Duration,
@@ -203,13 +201,11 @@ pub trait SessionStore: Send + Sync + 'static {
         req: LeaseRequest<'_>,
     ) -> impl Future<Output = Result<Attach, StoreError>> + Send;
 
-    /// Renews the leases of sockets still open on this instance.
-    fn renew(
-        &self,
-        session_id: &str,
-        conn_ids: &[String],
-        lease: Duration,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// This instance's heartbeat: its sockets' leases count for `lease`
+    /// more. One write per instance, however many sockets it holds; an
+    /// instance that stops (crash, partition) stops counting once it lapses.
+    /// Also refreshes this instance's view of which others are alive.
+    fn heartbeat(&self, lease: Duration) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Releases one socket lease (the gateway itself releases in batches).
     fn detach(
@@ -240,8 +236,21 @@ pub trait SessionStore: Send + Sync + 'static {
         session_ids: &[String],
     ) -> impl Future<Output = Result<Vec<Liveness>, StoreError>> + Send;
 
+    /// How many of these sessions still exist, in as few round trips as
+    /// the store allows: the background audit's cheap first look (only a
+    /// batch that comes up short is checked in detail with `liveness`).
+    fn count_live(
+        &self,
+        session_ids: &[String],
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
     /// Revocations announced by any instance (this one included).
     fn revocations(&self) -> broadcast::Receiver<Revocation>;
+
+    /// Whether revocations from other instances currently reach this one.
+    /// Each change to `true` after a loss means some may have been missed:
+    /// the maintenance task then re-checks every local session once.
+    fn subscription(&self) -> watch::Receiver<bool>;
 
     /// Whether the store answers, for `/readyz`.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -283,13 +292,8 @@ impl SessionStore for Store {
     async fn attach(&self, req: LeaseRequest<'_>) -> Result<Attach, StoreError> {
         dispatch!(self, s => s.attach(req).await)
     }
-    async fn renew(
-        &self,
-        session_id: &str,
-        conn_ids: &[String],
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        dispatch!(self, s => s.renew(session_id, conn_ids, lease).await)
+    async fn heartbeat(&self, lease: Duration) -> Result<(), StoreError> {
+        dispatch!(self, s => s.heartbeat(lease).await)
     }
     async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
         dispatch!(self, s => s.detach_many(leases).await)
@@ -300,8 +304,14 @@ impl SessionStore for Store {
     async fn liveness(&self, session_ids: &[String]) -> Result<Vec<Liveness>, StoreError> {
         dispatch!(self, s => s.liveness(session_ids).await)
     }
+    async fn count_live(&self, session_ids: &[String]) -> Result<usize, StoreError> {
+        dispatch!(self, s => s.count_live(session_ids).await)
+    }
     fn revocations(&self) -> broadcast::Receiver<Revocation> {
         dispatch!(self, s => s.revocations())
+    }
+    fn subscription(&self) -> watch::Receiver<bool> {
+        dispatch!(self, s => s.subscription())
     }
     async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping().await)

@@ -5,7 +5,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::FutureExt;
 
@@ -13,9 +12,6 @@ use super::Sockets;
 use super::registry::Slot;
 use crate::routing::Route;
 use crate::telemetry::CloseLabel;
-
-/// A socket's store lease; a dead instance's sockets stop counting after it.
-pub const LEASE: Duration = Duration::from_secs(30);
 
 /// A socket's store lease and registry entry, released when dropped: on a
 /// refusal after the store said yes, when hyper drops the gate's future

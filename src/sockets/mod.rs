@@ -18,7 +18,7 @@ use crate::shutdown::Shutdown;
 use crate::telemetry::Metrics;
 
 pub use close::Close;
-pub use lease::{Active, Held, LEASE, Lease};
+pub use lease::{Active, Held, Lease};
 pub use registry::{CloseRx, HubId, Registry, Slot};
 pub use release::Releases;
 

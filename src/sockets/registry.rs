@@ -1,17 +1,17 @@
 //! The sockets open on this instance, by session, so a revocation or expiry
-//! can close them and their store leases can be renewed; and the
-//! gateway-wide socket limit.
+//! can close them; when each session is next due a look in the store; and
+//! the gateway-wide socket limit.
 //!
 //! Two kinds of watcher register here, told apart by type: a client
 //! [socket](Registry::register_socket) holds a store lease (renewed, counted
 //! in `connections`), a shared-session [hub](Registry::register_hub) holds
 //! none and ends through its own shutdown watch.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use super::close::{self, Close};
 use crate::session::EndReason;
@@ -28,6 +28,9 @@ pub struct HubId(pub u64);
 struct SessionConns {
     /// When the session expires as far as we last heard (Unix seconds).
     expires_at: i64,
+    /// When the store should next be asked about it (Unix ms): its known
+    /// expiry, or sooner after an answer that it is about to expire.
+    check_at_ms: i64,
     /// Lease id → how to tell that client socket to close.
     sockets: HashMap<String, oneshot::Sender<Close>>,
     /// The session's hubs on this instance (no store lease).
@@ -40,25 +43,44 @@ impl SessionConns {
     }
 }
 
-/// A snapshot row for the maintenance tasks.
-pub struct SessionSnapshot {
-    pub session_id: String,
-    /// Lease ids of the client sockets (hubs hold no lease).
-    pub conn_ids: Vec<String>,
-    pub expires_at: i64,
-}
-
 /// Under one lock, so a socket registering while shutdown begins is either
 /// told by [`Registry::close_all`] or told at once by `register_socket`.
 #[derive(Default)]
 struct Sessions {
     map: HashMap<String, SessionConns>,
+    /// `(check_at_ms, session id)` of every session in `map`: the expiry
+    /// timer of this instance is one sleep until the first of these.
+    due: BTreeSet<(i64, String)>,
     /// Set by `close_all`: every later socket is closed as it registers.
     going_away: Option<Close>,
 }
 
+impl Sessions {
+    /// Moves a session's next check, keeping `due` in step with `map`.
+    fn set_check(&mut self, session_id: &str, at_ms: i64) -> bool {
+        let Some(entry) = self.map.get_mut(session_id) else {
+            return false;
+        };
+        let old = std::mem::replace(&mut entry.check_at_ms, at_ms);
+        self.due.remove(&(old, session_id.to_string()));
+        let earliest = self.due.first().is_none_or(|(t, _)| at_ms < *t);
+        self.due.insert((at_ms, session_id.to_string()));
+        earliest
+    }
+
+    fn remove(&mut self, session_id: &str) -> Option<SessionConns> {
+        let entry = self.map.remove(session_id)?;
+        self.due
+            .remove(&(entry.check_at_ms, session_id.to_string()));
+        Some(entry)
+    }
+}
+
 pub struct Registry {
     sessions: Mutex<Sessions>,
+    /// Woken when a session becomes due before the one the expiry timer
+    /// sleeps for.
+    earlier_due: Notify,
     open: Arc<AtomicU32>,
     max: u32,
 }
@@ -76,6 +98,7 @@ impl Registry {
     pub fn new(max: u32) -> Self {
         Registry {
             sessions: Mutex::new(Sessions::default()),
+            earlier_due: Notify::new(),
             open: Arc::new(AtomicU32::new(0)),
             max,
         }
@@ -99,14 +122,26 @@ impl Registry {
         self.open.load(Ordering::Acquire)
     }
 
+    /// The session's entry, created if new; its known expiry only moves
+    /// forward (a socket attaching later learnt a later one).
     fn entry<'a>(
+        &self,
         sessions: &'a mut Sessions,
         session_id: &str,
         expires_at: i64,
     ) -> &'a mut SessionConns {
-        let entry = sessions.map.entry(session_id.to_string()).or_default();
-        entry.expires_at = entry.expires_at.max(expires_at);
-        entry
+        let known = sessions.map.get(session_id).map(|e| e.expires_at);
+        if known.is_none_or(|k| expires_at > k) {
+            sessions
+                .map
+                .entry(session_id.to_string())
+                .or_default()
+                .expires_at = expires_at;
+            if sessions.set_check(session_id, expires_at.saturating_mul(1000)) {
+                self.earlier_due.notify_one();
+            }
+        }
+        sessions.map.get_mut(session_id).expect("inserted above")
     }
 
     /// Registers a client socket under its lease id.
@@ -117,7 +152,7 @@ impl Registry {
             let _ = tx.send(cmd);
             return rx;
         }
-        Self::entry(&mut sessions, session_id, expires_at)
+        self.entry(&mut sessions, session_id, expires_at)
             .sockets
             .insert(conn_id.to_string(), tx);
         rx
@@ -128,7 +163,7 @@ impl Registry {
     pub fn register_hub(&self, session_id: &str, hub: HubId, expires_at: i64) -> CloseRx {
         let (tx, rx) = oneshot::channel();
         let mut sessions = self.sessions();
-        Self::entry(&mut sessions, session_id, expires_at)
+        self.entry(&mut sessions, session_id, expires_at)
             .hubs
             .insert(hub, tx);
         rx
@@ -139,7 +174,7 @@ impl Registry {
         if let Some(entry) = sessions.map.get_mut(session_id) {
             remove(entry);
             if entry.is_empty() {
-                sessions.map.remove(session_id);
+                sessions.remove(session_id);
             }
         }
     }
@@ -165,10 +200,16 @@ impl Registry {
         {
             let mut sessions = self.sessions();
             sessions.going_away = Some(cmd);
-            sessions.map.retain(|_, entry| {
+            let mut emptied = Vec::new();
+            for (sid, entry) in sessions.map.iter_mut() {
                 told.extend(entry.sockets.drain().map(|(_, tx)| tx));
-                !entry.is_empty()
-            });
+                if entry.is_empty() {
+                    emptied.push(sid.clone());
+                }
+            }
+            for sid in emptied {
+                sessions.remove(&sid);
+            }
         }
         let n = told.len();
         for tx in told {
@@ -180,7 +221,7 @@ impl Registry {
     /// Closes every local socket and hub of a session with the close for
     /// `reason`; returns how many were told.
     pub fn close_session(&self, session_id: &str, reason: EndReason) -> usize {
-        let removed = self.sessions().map.remove(session_id);
+        let removed = self.sessions().remove(session_id);
         let Some(entry) = removed else { return 0 };
         let cmd = close::session_ended(reason);
         let n = entry.sockets.len() + entry.hubs.len();
@@ -190,26 +231,51 @@ impl Registry {
         n
     }
 
+    /// The store says the session lives until `expires_at` (Unix seconds):
+    /// next look then.
     pub fn set_expiry(&self, session_id: &str, expires_at: i64) {
-        if let Some(e) = self.sessions().map.get_mut(session_id) {
+        let mut sessions = self.sessions();
+        if let Some(e) = sessions.map.get_mut(session_id) {
             e.expires_at = expires_at;
+        }
+        if sessions.set_check(session_id, expires_at.saturating_mul(1000)) {
+            self.earlier_due.notify_one();
         }
     }
 
-    /// Sessions with sockets or hubs here; `due_by` keeps only those whose
-    /// known expiry is at or before it (Unix seconds).
-    pub fn snapshot(&self, due_by: Option<i64>) -> Vec<SessionSnapshot> {
-        let sessions = self.sessions();
-        sessions
-            .map
+    /// Look again at `at_ms` (Unix ms), without changing the known expiry:
+    /// the session is about to expire, or the store could not be asked.
+    pub fn recheck_at(&self, session_id: &str, at_ms: i64) {
+        if self.sessions().set_check(session_id, at_ms) {
+            self.earlier_due.notify_one();
+        }
+    }
+
+    /// Sessions due a look at `now_ms`, earliest first, at most `max`.
+    pub fn due(&self, now_ms: i64, max: usize) -> Vec<String> {
+        self.sessions()
+            .due
             .iter()
-            .filter(|(_, e)| due_by.is_none_or(|t| e.expires_at <= t))
-            .map(|(sid, e)| SessionSnapshot {
-                session_id: sid.clone(),
-                conn_ids: e.sockets.keys().cloned().collect(),
-                expires_at: e.expires_at,
-            })
+            .take_while(|(t, _)| *t <= now_ms)
+            .take(max)
+            .map(|(_, sid)| sid.clone())
             .collect()
+    }
+
+    /// When the next session is due (Unix ms), if any.
+    pub fn next_due(&self) -> Option<i64> {
+        self.sessions().due.first().map(|(t, _)| *t)
+    }
+
+    /// Resolves when a session became due earlier than [`Registry::next_due`]
+    /// said.
+    pub async fn earlier_due(&self) {
+        self.earlier_due.notified().await;
+    }
+
+    /// Every session with sockets or hubs here.
+    pub fn session_ids(&self) -> Vec<String> {
+        self.sessions().map.keys().cloned().collect()
     }
 
     pub fn session_count(&self) -> usize {
@@ -242,8 +308,9 @@ mod tests {
         assert_eq!(b.try_recv().unwrap().code, 1008);
         assert!(other.try_recv().is_err());
         assert_eq!(r.close_session("s1", EndReason::Revoked), 0);
-        assert_eq!(r.snapshot(None).len(), 1);
-        assert_eq!(r.snapshot(Some(99)).len(), 0);
+        assert_eq!(r.session_ids(), vec!["s2".to_string()]);
+        assert_eq!(r.due(99_999, 10), Vec::<String>::new());
+        assert_eq!(r.due(100_000, 10), vec!["s2".to_string()]);
     }
 
     #[test]
@@ -264,14 +331,49 @@ mod tests {
     }
 
     #[test]
-    fn hubs_are_revoked_but_hold_no_lease() {
+    fn hubs_are_closed_with_their_session() {
         let r = Registry::new(10);
         let _a = r.register_socket("s1", "c1", 100);
         let mut hub = r.register_hub("s1", HubId(7), 100);
-        let rows = r.snapshot(None);
-        assert_eq!(rows[0].conn_ids, vec!["c1".to_string()], "no hub lease");
         assert_eq!(r.close_session("s1", EndReason::Expired), 2);
         assert_eq!(hub.try_recv().unwrap(), close::SESSION_EXPIRED);
+    }
+
+    #[test]
+    fn sessions_fall_due_at_their_known_expiry_which_only_moves_forward() {
+        let r = Registry::new(10);
+        let _a = r.register_socket("s1", "c1", 100);
+        let _b = r.register_socket("s2", "c2", 50);
+        assert_eq!(r.next_due(), Some(50_000));
+        // A later socket learnt a later expiry; an earlier one does not win.
+        let _c = r.register_socket("s2", "c3", 200);
+        let _d = r.register_socket("s1", "c4", 10);
+        assert_eq!(r.due(150_000, 10), vec!["s1".to_string()]);
+        r.recheck_at("s1", 150_250);
+        assert_eq!(r.due(150_000, 10), Vec::<String>::new());
+        r.set_expiry("s1", 300);
+        assert_eq!(r.due(250_000, 10), vec!["s2".to_string()]);
+        r.close_session("s2", EndReason::Expired);
+        assert_eq!(r.next_due(), Some(300_000), "a closed session is not due");
+    }
+
+    #[tokio::test]
+    async fn an_earlier_due_session_wakes_the_timer() {
+        let r = Registry::new(10);
+        let _a = r.register_socket("s1", "c1", 100);
+        let woke = r.earlier_due();
+        futures_util::pin_mut!(woke);
+        // The first registration already stored a wake-up.
+        assert!(futures_util::FutureExt::now_or_never(&mut woke).is_some());
+        let _b = r.register_socket("s2", "c2", 200);
+        let later = r.earlier_due();
+        futures_util::pin_mut!(later);
+        assert!(
+            futures_util::FutureExt::now_or_never(&mut later).is_none(),
+            "a later session needs no wake-up"
+        );
+        let _c = r.register_socket("s3", "c3", 50);
+        assert!(futures_util::FutureExt::now_or_never(&mut later).is_some());
     }
 
     #[test]

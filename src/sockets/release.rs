@@ -15,8 +15,9 @@ use crate::shutdown::Shutdown;
 
 /// Most leases sent in one store request.
 const MAX_BATCH: usize = 512;
-/// How long releasing one batch may take; after it the leases lapse with
-/// their TTL instead.
+/// How long releasing one batch may take; after it the entries stay until
+/// this instance's heartbeat lapses (or the next attach of their session
+/// after that cleans them).
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The release queue; cheap to clone (one shared queue).
@@ -45,7 +46,7 @@ impl Releases {
     }
 
     /// Queues a lease; outside a runtime (process teardown) it lapses with
-    /// its TTL instead.
+    /// this instance's heartbeat instead.
     pub fn push(&self, session_id: String, conn_id: String) {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
@@ -71,8 +72,8 @@ impl Inner {
 }
 
 /// Sends batches until the queue is empty. A drain dropped with its runtime
-/// (teardown after the shutdown grace) leaves its leases to lapse with their
-/// TTL, as a crashed instance would.
+/// (teardown after the shutdown grace) leaves its leases to lapse with the
+/// instance's heartbeat, as a crashed instance's would.
 async fn drain(inner: Arc<Inner>) {
     loop {
         // Sockets closing in the same turn of the event loop join the batch.
@@ -85,7 +86,7 @@ async fn drain(inner: Arc<Inner>) {
             let released =
                 tokio::time::timeout(RELEASE_TIMEOUT, inner.store.detach_many(chunk)).await;
             if !matches!(released, Ok(Ok(()))) {
-                // The leases lapse with their TTL (`sockets::LEASE`).
+                // The entries stay until this instance's heartbeat lapses.
                 tracing::debug!(leases = chunk.len(), "releasing leases failed");
             }
         }

@@ -17,8 +17,12 @@
 //!
 //! - `<prefix>:session:{sid}`: hash `user`, `created_at`, `expires_at` (Unix
 //!   ms), `attached` (`0`/`1`); its TTL is the session's.
-//! - `<prefix>:conns:{sid}`: sorted set, member = connection id, score =
-//!   lease expiry (Unix ms); same TTL as the session.
+//! - `<prefix>:conns:{sid}`: sorted set, member = `<instance>:<conn id>`,
+//!   score = attach time (Unix ms); same TTL as the session. An entry counts
+//!   while its instance's heartbeat lives (see `scripts`).
+//! - `<prefix>:instances`: sorted set, member = instance id, score =
+//!   heartbeat expiry (Unix ms): the one key an idle instance writes, every
+//!   few seconds, whatever the number of its sockets.
 //! - `<prefix>:revoked:{sid}`: tombstone kept [`TOMBSTONE`] after a delete,
 //!   so the sweep can tell "revoked" from "expired".
 //! - channel `<prefix>:revocations`: the id of every deleted session.
@@ -34,8 +38,8 @@ mod pubsub;
 mod scripts;
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -50,7 +54,7 @@ use super::{
 use crate::ids::random_id;
 use conns::Commands;
 use pubsub::listen;
-use scripts::{ATTACH, CREATE, DELETE, GET, MARK_IDLE, RENEW, RawRecord, TOUCH, to_record};
+use scripts::{ATTACH, CREATE, DELETE, GET, HEARTBEAT, MARK_IDLE, RawRecord, TOUCH, to_record};
 
 /// Bounds a whole store call, reconnect and one retry included.
 pub const OP_DEADLINE: Duration = Duration::from_secs(2);
@@ -77,7 +81,14 @@ impl Keys {
     fn channel(&self) -> String {
         format!("{}:revocations", self.prefix)
     }
+    fn instances(&self) -> String {
+        format!("{}:instances", self.prefix)
+    }
 }
+
+/// Until the first heartbeat says otherwise: how long an entry of an
+/// instance this one has not seen alive still counts.
+const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
 
 /// A short description for logs and `StoreError`: the kind of failure, never
 /// the server's text (which may echo keys) or the URL (which may hold a
@@ -107,6 +118,14 @@ pub struct RedisStore {
 struct Inner {
     commands: Commands,
     keys: Keys,
+    /// This process's id among the instances sharing the store.
+    instance: String,
+    /// The instances alive at the last heartbeat (this one always among
+    /// them): passed to every script that counts socket entries.
+    live: Mutex<Arc<[String]>>,
+    /// The heartbeat lease, in ms: also how long an entry of an instance
+    /// not (yet) seen alive counts.
+    window_ms: AtomicU64,
     revocations: broadcast::Sender<Revocation>,
     subscribed: watch::Receiver<bool>,
     /// Dropped with the store, which ends the subscription task.
@@ -137,10 +156,14 @@ impl RedisStore {
             subscribed_tx,
             stop_rx,
         ));
+        let instance = random_id();
         let store = RedisStore {
             inner: Arc::new(Inner {
                 commands: Commands::new(client),
                 keys,
+                live: Mutex::new(Arc::from(vec![instance.clone()])),
+                instance,
+                window_ms: AtomicU64::new(ms(DEFAULT_WINDOW)),
                 revocations,
                 subscribed,
                 _stop_listener: stop_tx,
@@ -155,11 +178,9 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// Whether revocations announced by other instances currently reach this
-    /// one. While `false` (Redis away), they are caught only by the liveness
-    /// sweep; readiness checks and tests can wait on it instead of guessing.
-    pub fn subscription(&self) -> watch::Receiver<bool> {
-        self.inner.subscribed.clone()
+    /// This instance's id in the store (the prefix of its socket entries).
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance
     }
 
     /// Runs `f` on the shared connection within `OP_DEADLINE`, retrying once
@@ -209,11 +230,30 @@ impl RedisStore {
         .await
     }
 
+    /// A session script's invocation: its two keys and the live-instance
+    /// arguments every one of them takes first (see `scripts`).
     fn invocation<'a>(&self, script: &'a Script, sid: &str) -> ScriptInvocation<'a> {
         let mut inv = script.prepare_invoke();
         inv.key(self.inner.keys.session(sid))
             .key(self.inner.keys.conns(sid));
+        let live = self.live();
+        inv.arg(self.inner.window_ms.load(Ordering::Relaxed))
+            .arg(live.len())
+            .arg(&*live);
         inv
+    }
+
+    fn live(&self) -> Arc<[String]> {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A socket's entry: it names the instance whose heartbeat holds it.
+    fn entry(&self, conn_id: &str) -> String {
+        format!("{}:{conn_id}", self.inner.instance)
     }
 }
 
@@ -261,8 +301,7 @@ impl SessionStore for RedisStore {
 
     async fn attach(&self, req: LeaseRequest<'_>) -> Result<Attach, StoreError> {
         let mut inv = self.invocation(&ATTACH, req.session_id);
-        inv.arg(req.conn_id)
-            .arg(ms(req.lease))
+        inv.arg(self.entry(req.conn_id))
             .arg(req.max_per_session)
             .arg(ms(req.session_ttl));
         let answer: Value = self.eval("attach", &inv).await?;
@@ -277,18 +316,23 @@ impl SessionStore for RedisStore {
         }
     }
 
-    async fn renew(
-        &self,
-        session_id: &str,
-        conn_ids: &[String],
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        if conn_ids.is_empty() {
-            return Ok(());
+    async fn heartbeat(&self, lease: Duration) -> Result<(), StoreError> {
+        let mut inv = HEARTBEAT.prepare_invoke();
+        inv.key(self.inner.keys.instances())
+            .arg(&self.inner.instance)
+            .arg(ms(lease));
+        let mut live: Vec<String> = self
+            .run("heartbeat", |mut conn| {
+                let inv = &inv;
+                async move { inv.invoke_async(&mut conn).await }
+            })
+            .await?;
+        if !live.contains(&self.inner.instance) {
+            live.push(self.inner.instance.clone());
         }
-        let mut inv = self.invocation(&RENEW, session_id);
-        inv.arg(ms(lease)).arg(conn_ids);
-        self.eval::<i64>("renew", &inv).await.map(drop)
+        self.inner.window_ms.store(ms(lease), Ordering::Relaxed);
+        *self.inner.live.lock().unwrap_or_else(|p| p.into_inner()) = Arc::from(live);
+        Ok(())
     }
 
     /// One pipeline of plain `ZREM`s, not a script: removing a member never
@@ -303,7 +347,7 @@ impl SessionStore for RedisStore {
         for (session_id, conn_id) in leases {
             pipe.cmd("ZREM")
                 .arg(self.inner.keys.conns(session_id))
-                .arg(conn_id)
+                .arg(self.entry(conn_id))
                 .ignore();
         }
         let pipe = &pipe;
@@ -354,8 +398,33 @@ impl SessionStore for RedisStore {
             .collect()
     }
 
+    /// One multi-key `EXISTS` for the whole batch: the audit costs Redis one
+    /// command per batch, not one per session. (On a Cluster the keys of a
+    /// batch would have to be grouped by slot first.)
+    async fn count_live(&self, session_ids: &[String]) -> Result<usize, StoreError> {
+        if session_ids.is_empty() {
+            return Ok(0);
+        }
+        let mut cmd = redis::cmd("EXISTS");
+        for id in session_ids {
+            cmd.arg(self.inner.keys.session(id));
+        }
+        let cmd = &cmd;
+        self.run("count_live", |mut conn| async move {
+            cmd.query_async::<usize>(&mut conn).await
+        })
+        .await
+    }
+
     fn revocations(&self) -> broadcast::Receiver<Revocation> {
         self.inner.revocations.subscribe()
+    }
+
+    /// While `false` (Redis away), revocations from other instances are
+    /// caught by the re-check that follows the next subscription; readiness
+    /// checks and tests can wait on it instead of guessing.
+    fn subscription(&self) -> watch::Receiver<bool> {
+        self.inner.subscribed.clone()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

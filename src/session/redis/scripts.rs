@@ -7,9 +7,22 @@ use redis::Script;
 
 use crate::session::SessionRecord;
 
-/// Helpers shared by every script. `KEYS[1]` is always the session hash and
-/// `KEYS[2]` the lease set. Timestamps are formatted with `%d` because Lua
-/// would otherwise print large numbers in exponent notation.
+/// Helpers shared by every session script. `KEYS[1]` is always the
+/// session hash and `KEYS[2]` its socket entries. Timestamps are formatted
+/// with `%d` because Lua would otherwise print large numbers in exponent
+/// notation.
+///
+/// Socket entries are leased per *instance*, not per socket: an entry is
+/// `<instance id>:<conn id>` scored with its attach time, and it counts
+/// while its instance is alive. Which instances are alive the caller knows
+/// from their heartbeats ([`HEARTBEAT`]) and passes in: `ARGV[1]` is the
+/// freshness window (ms), `ARGV[2]` the number `k` of live instance ids in
+/// `ARGV[3..2+k]`; a script's own arguments follow (`arg(1)`, ...). The
+/// list travels as arguments because on a Cluster the heartbeats live in
+/// another slot than the session. An entry of an instance not in the list
+/// still counts while younger than the window (its instance may have
+/// started after the caller last looked). Entries without `:` are
+/// per-socket leases of an older gateway, scored with their expiry.
 const PRELUDE: &str = r#"
 local function now_ms()
   local t = redis.call('TIME')
@@ -18,14 +31,37 @@ end
 local function int(x)
   return string.format('%d', x)
 end
+local BASE = 3 + tonumber(ARGV[2])
+local function arg(i)
+  return ARGV[BASE + i - 1]
+end
+local function entries(now)
+  local live = {}
+  for i = 3, BASE - 1 do live[ARGV[i]] = true end
+  local fresh_after = now - tonumber(ARGV[1])
+  local n, dead = 0, {}
+  local all = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  for i = 1, #all, 2 do
+    local m, score = all[i], tonumber(all[i + 1])
+    local sep = string.find(m, ':', 1, true)
+    local alive
+    if sep then
+      alive = live[string.sub(m, 1, sep - 1)] or score > fresh_after
+    else
+      alive = score > now
+    end
+    if alive then n = n + 1 else dead[#dead + 1] = m end
+  end
+  return n, dead
+end
 local function record(now)
   local f = redis.call('HMGET', KEYS[1], 'user', 'created_at', 'expires_at', 'attached')
-  local live = redis.call('ZCOUNT', KEYS[2], '(' .. int(now), '+inf')
+  local live = entries(now)
   return {f[1], tonumber(f[2]), tonumber(f[3]), tonumber(f[4]), live}
 end
 "#;
 
-/// ARGV: user, ttl ms. Re-running it for the same id (a retry after a lost
+/// arg: user, ttl ms. Re-running it for the same id (a retry after a lost
 /// reply) returns the session the first run made instead of a second one.
 pub(super) static CREATE: LazyLock<Script> = LazyLock::new(|| {
     script(
@@ -34,11 +70,11 @@ local now = now_ms()
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return record(now)
 end
-local exp = now + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'user', ARGV[1], 'created_at', int(now),
+local exp = now + tonumber(arg(2))
+redis.call('HSET', KEYS[1], 'user', arg(1), 'created_at', int(now),
   'expires_at', int(exp), 'attached', '0')
 redis.call('PEXPIREAT', KEYS[1], int(exp))
-return {ARGV[1], now, exp, 0, 0}
+return {arg(1), now, exp, 0, 0}
 "#,
     )
 });
@@ -52,14 +88,14 @@ return record(now_ms())
     )
 });
 
-/// ARGV: ttl ms. The lease set's TTL slides too, or it would vanish before
+/// arg: ttl ms. The entry set's TTL slides too, or it would vanish before
 /// the session it belongs to.
 pub(super) static TOUCH: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local now = now_ms()
-local exp = now + tonumber(ARGV[1])
+local exp = now + tonumber(arg(1))
 redis.call('HSET', KEYS[1], 'expires_at', int(exp))
 local rec = record(now)
 redis.call('PEXPIREAT', KEYS[1], int(exp))
@@ -69,7 +105,7 @@ return rec
     )
 });
 
-/// KEYS[3]: tombstone. ARGV: channel, session id, nonce, tombstone ms. The
+/// KEYS[3]: tombstone. arg: channel, session id, nonce, tombstone ms. The
 /// tombstone holds this call's nonce, so a retry after a lost reply still
 /// learns that *it* ended the session.
 pub(super) static DELETE: LazyLock<Script> = LazyLock::new(|| {
@@ -77,36 +113,37 @@ pub(super) static DELETE: LazyLock<Script> = LazyLock::new(|| {
         r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
+  redis.call('SET', KEYS[3], arg(3), 'PX', arg(4))
+  redis.call('PUBLISH', arg(1), arg(2))
   return 1
 end
-if redis.call('GET', KEYS[3]) == ARGV[3] then return 1 end
+if redis.call('GET', KEYS[3]) == arg(3) then return 1 end
 return 0
 "#,
     )
 });
 
-/// ARGV: conn id, lease ms, max per session, ttl ms. Returns 0 (not found),
-/// 1 (full) or the record. A connection that already holds a lease (a
-/// retry) is not counted against the limit a second time.
+/// arg: entry (`<instance>:<conn>`), max per session, ttl ms. Returns 0
+/// (not found), 1 (full) or the record. Entries of dead instances are
+/// removed here (the next writer cleans them). A connection that already
+/// holds an entry (a retry) is not counted against the limit twice.
 ///
-/// Every upgrade runs it, so it makes as few calls as it can (8; the record
-/// is assembled from what it already read): Redis's CPU per upgrade is part
-/// of the gateway's cost (BENCHMARKS.md).
+/// Every upgrade runs it, so it makes few calls (the record is assembled
+/// from what it already read): Redis's CPU per upgrade is part of the
+/// gateway's cost (BENCHMARKS.md).
 pub(super) static ATTACH: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local f = redis.call('HMGET', KEYS[1], 'user', 'created_at')
 if not f[1] then return 0 end
 local now = now_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', int(now))
-local live = redis.call('ZCARD', KEYS[2])
-if live >= tonumber(ARGV[3]) and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+local live, dead = entries(now)
+if #dead > 0 then redis.call('ZREM', KEYS[2], unpack(dead)) end
+if live >= tonumber(arg(2)) and not redis.call('ZSCORE', KEYS[2], arg(1)) then
   return 1
 end
-local exp = now + tonumber(ARGV[4])
-live = live + redis.call('ZADD', KEYS[2], int(now + tonumber(ARGV[2])), ARGV[1])
+local exp = now + tonumber(arg(3))
+live = live + redis.call('ZADD', KEYS[2], int(now), arg(1))
 redis.call('HSET', KEYS[1], 'attached', '1', 'expires_at', int(exp))
 redis.call('PEXPIREAT', KEYS[1], int(exp))
 redis.call('PEXPIREAT', KEYS[2], int(exp))
@@ -115,31 +152,35 @@ return {f[1], tonumber(f[2]), exp, 1, live}
     )
 });
 
-/// ARGV: lease ms, conn ids. `XX`: a lease that was already released stays
-/// released.
-pub(super) static RENEW: LazyLock<Script> = LazyLock::new(|| {
+/// Keeps `attached` if a socket attached meanwhile (possibly on another
+/// instance): the entry count and the write are one step.
+pub(super) static MARK_IDLE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local exp = int(now_ms() + tonumber(ARGV[1]))
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[2], 'XX', exp, ARGV[i])
+if entries(now_ms()) == 0 then
+  redis.call('HSET', KEYS[1], 'attached', '0')
 end
 return 1
 "#,
     )
 });
 
-/// Keeps `attached` if a socket attached meanwhile (possibly on another
-/// instance): the lease check and the write are one step.
-pub(super) static MARK_IDLE: LazyLock<Script> = LazyLock::new(|| {
-    script(
+/// An instance's heartbeat, the one store write an idle instance makes.
+/// KEYS[1]: the instance set (one key, so one Cluster slot), member =
+/// instance id, score = heartbeat expiry. ARGV: own id, lease ms. Drops
+/// lapsed instances and answers the live ones. The set expires with the
+/// last heartbeat, so no key is ever left without a TTL.
+pub(super) static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
         r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('ZCOUNT', KEYS[2], '(' .. int(now_ms()), '+inf') == 0 then
-  redis.call('HSET', KEYS[1], 'attached', '0')
-end
-return 1
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], string.format('%d', now + lease), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))
+if redis.call('PTTL', KEYS[1]) < lease then redis.call('PEXPIRE', KEYS[1], lease) end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#,
     )
 });
