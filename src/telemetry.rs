@@ -45,6 +45,9 @@ pub struct CloseLabel {
 pub struct Metrics {
     registry: Registry,
     pub logins: Family<ResultLabel, Counter>,
+    /// Passwords actually checked (static hash or upstream verifier); a
+    /// rate-limited or malformed login costs none.
+    pub password_checks: Counter,
     pub sessions_created: Counter,
     pub sessions_revoked: Family<ReasonLabel, Counter>,
     pub store_errors: Counter,
@@ -67,6 +70,12 @@ impl Metrics {
         let mut registry = Registry::with_prefix("portcullis");
         let logins = Family::<ResultLabel, Counter>::default();
         registry.register("logins", "Login attempts by result", logins.clone());
+        let password_checks = Counter::default();
+        registry.register(
+            "password_checks",
+            "Passwords checked by the login backend",
+            password_checks.clone(),
+        );
         let sessions_created = Counter::default();
         registry.register(
             "sessions_created",
@@ -121,6 +130,7 @@ impl Metrics {
         Metrics {
             registry,
             logins,
+            password_checks,
             sessions_created,
             sessions_revoked,
             store_errors,

@@ -1,9 +1,11 @@
-//! Issue 16, item 1, against the real binary over raw sockets.
+//! Issue 16, items 1 and 3, against the real binary over raw sockets.
 //!
 //! 1. A login body that stalls or trickles is cut at `server.body_timeout_ms`
 //!    with `408 request_timeout` and the connection closed; a declared
 //!    `Content-Length` over 64 KiB gets `413` before any body byte is read;
 //!    300 stalled logins held open do not lock a real login out.
+//! 3. Concurrent wrong passwords from one client cost at most the limit in
+//!    password checks.
 //!
 //! Nothing sleeps to synchronise: every wait is for a response, a `100
 //! Continue` (the gateway's sign that it is reading the body) or EOF, each
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::gateway::{Gateway, PASSWORD, config};
-use support::http::{self as api, Resp, assert_error, parse_response};
+use support::http::{self as api, Resp, assert_error, parse_response, sample};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
@@ -318,6 +320,96 @@ async fn three_hundred_stalled_logins_do_not_lock_out_a_real_login() {
                 started.elapsed()
             );
         }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. Concurrent wrong passwords
+
+#[tokio::test]
+async fn a_hundred_concurrent_wrong_passwords_cost_at_most_the_limit_in_checks() {
+    bounded(async {
+        const LIMIT: usize = 10;
+        // The default login_attempts_per_minute (10).
+        let gw = Gateway::start("", &config(None, ""));
+        let attacker = local(5);
+        let body = json!({ "username": "alice", "password": "not-the-password" }).to_string();
+        let head = login_head(body.len() as u64, "");
+        // All 100 requests are written before any is answered: each
+        // connection sends its whole request at once.
+        let attempts: Vec<_> = (0..100)
+            .map(|_| {
+                let (addr, req) = (gw.addr, format!("{head}{body}"));
+                tokio::spawn(async move {
+                    let mut s = connect_from(addr, attacker).await;
+                    s.write_all(req.as_bytes()).await.unwrap();
+                    read_response(&mut s, Duration::from_secs(60)).await
+                })
+            })
+            .collect();
+        let mut by_code = std::collections::BTreeMap::<String, usize>::new();
+        for a in attempts {
+            let r = a.await.unwrap();
+            *by_code.entry(r.error()).or_default() += 1;
+            if r.status == 429 {
+                assert!(r.header("retry-after").is_some());
+            }
+        }
+        assert_eq!(
+            by_code.get("invalid_credentials").copied().unwrap_or(0),
+            LIMIT,
+            "{by_code:?}"
+        );
+        assert_eq!(
+            by_code.get("rate_limited").copied().unwrap_or(0),
+            100 - LIMIT,
+            "{by_code:?}"
+        );
+
+        let text = api::metrics(gw.addr).await;
+        assert_eq!(
+            sample(&text, "portcullis_password_checks_total"),
+            Some(LIMIT as f64),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "portcullis_logins_total{result=\"invalid_credentials\"}"
+            ),
+            Some(LIMIT as f64)
+        );
+        assert_eq!(
+            sample(&text, "portcullis_logins_total{result=\"rate_limited\"}"),
+            Some((100 - LIMIT) as f64)
+        );
+
+        // alice's right password is now refused unchecked (her username is
+        // limited), while bob logs in from another address more times than
+        // the limit: a success gives back the attempt it reserved.
+        let r = api::post_json(
+            gw.addr,
+            "/api/auth/login",
+            &json!({ "username": "alice", "password": PASSWORD }),
+        )
+        .await;
+        assert_error(&r, 429, "rate_limited");
+        for _ in 0..LIMIT + 1 {
+            let mut s = connect_from(gw.addr, local(6)).await;
+            let ok = json!({ "username": "bob", "password": PASSWORD }).to_string();
+            s.write_all(format!("{}{ok}", login_head(ok.len() as u64, "")).as_bytes())
+                .await
+                .unwrap();
+            let r = read_response(&mut s, Duration::from_secs(10)).await;
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        }
+        let text = api::metrics(gw.addr).await;
+        assert_eq!(
+            sample(&text, "portcullis_password_checks_total"),
+            Some((2 * LIMIT + 1) as f64),
+            "{text}"
+        );
     })
     .await;
 }

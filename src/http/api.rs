@@ -121,18 +121,24 @@ async fn login_inner(
             "username must be 1 to 1024 bytes and password at most 1024 bytes",
         ));
     }
-    app.limiter
-        .check(peer.ip(), &body.username)
+    let attempt = app
+        .limiter
+        .reserve(peer.ip(), &body.username)
         .map_err(ApiError::rate_limited)?;
     let password = Secret::new(body.password.into_bytes());
+    app.metrics.password_checks.inc();
     let user = match app.auth.authenticate(&body.username, password).await {
-        Ok(user) => user,
+        Ok(user) => {
+            attempt.succeeded();
+            user
+        }
         Err(crate::auth::AuthError::InvalidCredentials) => {
-            app.limiter.record_failure(peer.ip(), &body.username);
+            attempt.failed();
             tracing::info!(peer = %peer.ip(), "login refused: invalid credentials");
             return Err(ApiError::invalid_credentials());
         }
         Err(crate::auth::AuthError::Unavailable(why)) => {
+            attempt.succeeded();
             tracing::warn!(%why, "login verifier unavailable");
             return Err(ApiError::auth_upstream_unavailable());
         }
