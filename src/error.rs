@@ -40,6 +40,9 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     pub allow: Option<&'static str>,
     pub fault: Fault,
+    /// Answer with `Connection: close`: the rest of the request (a body we
+    /// will not read) must not be parsed as the next request.
+    pub close: bool,
     /// What went wrong inside, for the one log line of this refusal; never
     /// sent to the client.
     pub cause: Option<String>,
@@ -58,6 +61,7 @@ impl ApiError {
             retry_after: None,
             allow: None,
             fault: Fault::Client,
+            close: false,
             cause: None,
         }
     }
@@ -90,12 +94,28 @@ impl ApiError {
         e
     }
 
+    /// The body is over `limit`: refused (from `Content-Length`, before a
+    /// byte of it is read) and the connection closed.
     pub fn payload_too_large(limit: usize) -> Self {
-        Self::new(
+        let mut e = Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!("Request body is larger than {limit} bytes"),
-        )
+        );
+        e.close = true;
+        e
+    }
+
+    /// The body did not arrive in full within `server.body_timeout_ms`; the
+    /// connection is closed.
+    pub fn request_timeout() -> Self {
+        let mut e = Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "The request body did not arrive in time",
+        );
+        e.close = true;
+        e
     }
 
     pub fn invalid_credentials() -> Self {
@@ -222,6 +242,10 @@ impl ApiError {
         if let Some(allow) = self.allow {
             resp.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.close {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }

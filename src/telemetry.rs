@@ -45,6 +45,9 @@ pub struct CloseLabel {
 pub struct Metrics {
     registry: Registry,
     pub logins: Family<ResultLabel, Counter>,
+    /// Passwords actually checked (static hash or upstream verifier); a
+    /// rate-limited or malformed login costs none.
+    pub password_checks: Counter,
     pub sessions_created: Counter,
     pub sessions_revoked: Family<ReasonLabel, Counter>,
     pub store_errors: Counter,
@@ -70,6 +73,12 @@ impl Metrics {
         let mut registry = Registry::with_prefix("portcullis");
         let logins = Family::<ResultLabel, Counter>::default();
         registry.register("logins", "Login attempts by result", logins.clone());
+        let password_checks = Counter::default();
+        registry.register(
+            "password_checks",
+            "Passwords checked by the login backend",
+            password_checks.clone(),
+        );
         let sessions_created = Counter::default();
         registry.register(
             "sessions_created",
@@ -130,6 +139,7 @@ impl Metrics {
         Metrics {
             registry,
             logins,
+            password_checks,
             sessions_created,
             sessions_revoked,
             store_errors,
@@ -151,21 +161,97 @@ impl Metrics {
     }
 }
 
-/// A request target safe to log: the `session_token` query value is replaced.
+/// A request target safe to log. Redacted, value and all:
+/// - every query parameter whose name, percent-decoded (`+` as space),
+///   compared case-insensitively with `-`, `.` and spaces read as `_` and a
+///   trailing `[...]` dropped, is `session_token` (`SESSION_TOKEN`,
+///   `session%5Ftoken`, `Session-Token`, `session_token[]`: the gate reads
+///   only the exact name, but a runtime behind it may read any of them);
+/// - every query parameter (name or value) and path segment that contains
+///   something shaped like a JWT (see [`looks_like_jwt`]), whatever it is
+///   called, so a token under another name is not logged either.
 pub fn redact_target(path: &str, query: Option<&str>) -> String {
+    let path = if path.split('/').any(contains_jwt) {
+        path.split('/')
+            .map(|seg| if contains_jwt(seg) { REDACTED } else { seg })
+            .collect::<Vec<_>>()
+            .join("/")
+    } else {
+        path.to_string()
+    };
     match query {
-        None => path.to_string(),
+        None => path,
         Some(q) => {
-            let redacted: Vec<String> = q
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some(("session_token", _)) => "session_token=REDACTED".to_string(),
-                    _ => pair.to_string(),
-                })
-                .collect();
+            let redacted: Vec<String> = q.split('&').map(redact_pair).collect();
             format!("{path}?{}", redacted.join("&"))
         }
     }
+}
+
+const REDACTED: &str = "REDACTED";
+
+fn redact_pair(pair: &str) -> String {
+    let (raw_name, decoded) = match pair.split_once('=') {
+        Some((name, _)) => (Some(name), decode(pair)),
+        None => (None, decode(pair)),
+    };
+    let (name, value) = decoded;
+    let secret = is_token_name(&name) || contains_jwt(&name) || contains_jwt(&value);
+    match (secret, raw_name) {
+        (false, _) => pair.to_string(),
+        (true, Some(raw)) if !contains_jwt(&name) => format!("{raw}={REDACTED}"),
+        (true, _) => REDACTED.to_string(),
+    }
+}
+
+/// One `name=value` pair, percent-decoded as a form would be.
+fn decode(pair: &str) -> (String, String) {
+    url::form_urlencoded::parse(pair.as_bytes())
+        .next()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .unwrap_or_default()
+}
+
+fn is_token_name(name: &str) -> bool {
+    let name = match name.find('[') {
+        Some(i) if name.ends_with(']') => &name[..i],
+        _ => name,
+    };
+    let mut normal = name.trim().chars().map(|c| match c {
+        '-' | '.' | ' ' => '_',
+        c => c.to_ascii_lowercase(),
+    });
+    "session_token".chars().all(|c| normal.next() == Some(c)) && normal.next().is_none()
+}
+
+/// Whether any run of base64url characters and dots in `s` looks like a JWT.
+fn contains_jwt(s: &str) -> bool {
+    s.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        .any(looks_like_jwt)
+}
+
+/// Three base64url parts joined by dots whose first decodes to a JSON
+/// object (the JOSE header) and whose second is non-empty; the signature may
+/// be empty (`alg: none`). Version strings and host names (`1.2.3`,
+/// `a.example.com`) are left alone.
+pub fn looks_like_jwt(s: &str) -> bool {
+    use base64::Engine;
+    let mut parts = s.split('.');
+    let (Some(header), Some(payload), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let b64url = |p: &str| {
+        p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if payload.is_empty() || !b64url(payload) || !b64url(sig) {
+        return false;
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .is_ok_and(|h| h.trim_ascii_start().first() == Some(&b'{'))
 }
 
 #[cfg(test)]
@@ -179,6 +265,76 @@ mod tests {
             "/ws?a=1&session_token=REDACTED&b=2"
         );
         assert_eq!(redact_target("/ws", None), "/ws");
+    }
+
+    const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl";
+
+    #[test]
+    fn redacts_every_spelling_of_the_token_name() {
+        for name in [
+            "SESSION_TOKEN",
+            "Session_Token",
+            "session%5Ftoken",
+            "session%5ftoken",
+            "%73ession_token",
+            "session-token",
+            "session.token",
+            "session+token",
+            "session%20token",
+            "session_token[]",
+            "session_token%5B0%5D",
+        ] {
+            assert_eq!(
+                redact_target("/ws", Some(&format!("a=1&{name}=secret-value&b=2"))),
+                format!("/ws?a=1&{name}=REDACTED&b=2"),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            redact_target("/ws", Some("session_tokens=x&my_session_token=y")),
+            "/ws?session_tokens=x&my_session_token=y"
+        );
+    }
+
+    #[test]
+    fn redacts_anything_shaped_like_a_jwt() {
+        let encoded = JWT.replace('.', "%2E");
+        for (query, expect) in [
+            (format!("t={JWT}"), "t=REDACTED".to_string()),
+            (format!("t={encoded}"), "t=REDACTED".to_string()),
+            (format!("auth=Bearer%20{JWT}"), "auth=REDACTED".to_string()),
+            (
+                format!("next=%2Fx%3Fsession_token%3D{JWT}"),
+                "next=REDACTED".to_string(),
+            ),
+            (JWT.to_string(), "REDACTED".to_string()),
+            (format!("{JWT}=1"), "REDACTED".to_string()),
+            (
+                "t=eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0.".to_string(),
+                "t=REDACTED".to_string(),
+            ),
+        ] {
+            assert_eq!(
+                redact_target("/ws", Some(&query)),
+                format!("/ws?{expect}"),
+                "{query}"
+            );
+        }
+        assert_eq!(
+            redact_target(&format!("/ws/prefix/{JWT}/x"), None),
+            "/ws/prefix/REDACTED/x"
+        );
+        for harmless in [
+            "v=1.2.3",
+            "host=averyveryverylongname.example.com",
+            "f=report.final.pdf",
+            "x",
+        ] {
+            assert_eq!(
+                redact_target("/ws/a.b.c", Some(harmless)),
+                format!("/ws/a.b.c?{harmless}")
+            );
+        }
     }
 
     #[test]

@@ -30,7 +30,10 @@ use hyper_util::rt::TokioIo;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use support::gateway::{Gateway, PASSWORD, SIGNING_KEY, config, config_with, static_auth};
-use support::http::{self as api, Resp, call, get_session, login, refresh, try_login};
+use support::http::{
+    self as api, Resp, assert_error, call, get_session, login, parse_response, refresh, sample,
+    try_login,
+};
 use support::key_fixture;
 use support::redis::RedisServer;
 use support::wait::eventually;
@@ -166,47 +169,6 @@ async fn send_raw(addr: SocketAddr, request: Vec<u8>) -> Resp {
     })
     .await
     .expect("raw request timed out")
-}
-
-fn parse_response(buf: &[u8]) -> Option<Resp> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let mut headers = http::HeaderMap::new();
-    for line in lines.filter(|l| !l.is_empty()) {
-        let (k, v) = line.split_once(':')?;
-        headers.append(
-            http::HeaderName::from_bytes(k.trim().as_bytes()).ok()?,
-            http::HeaderValue::from_str(v.trim()).ok()?,
-        );
-    }
-    let len: usize = headers.get("content-length")?.to_str().ok()?.parse().ok()?;
-    (buf.len() >= end + len).then(|| Resp {
-        status,
-        headers,
-        body: buf[end..end + len].to_vec(),
-    })
-}
-
-/// `r` is a JSON error `{"error": code, "message": <non-empty>}` with `status`.
-#[track_caller]
-fn assert_error(r: &Resp, status: u16, code: &str) {
-    let text = String::from_utf8_lossy(&r.body).to_string();
-    assert_eq!(r.status, status, "status; body: {text}");
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "content-type {:?}",
-        r.header("content-type")
-    );
-    let body: Value =
-        serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-    assert_eq!(body["error"].as_str(), Some(code), "body: {text}");
-    assert!(
-        body["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "no human message: {text}"
-    );
 }
 
 /// `Retry-After` as whole seconds.
@@ -1374,13 +1336,6 @@ async fn tokens_passwords_keys_and_cookies_never_reach_the_debug_log() {
         assert!(!log.contains("eyJ"), "the log contains a JWT:\n{log}");
     })
     .await;
-}
-
-/// The value of the sample `series` (name with labels) in Prometheus text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
 #[tokio::test]

@@ -16,6 +16,9 @@ pub fn default_max_connections_per_session() -> u32 {
 pub fn default_handshake_timeout_ms() -> u64 {
     5_000
 }
+pub fn default_body_timeout_ms() -> u64 {
+    5_000
+}
 pub fn default_shutdown_grace_ms() -> u64 {
     10_000
 }

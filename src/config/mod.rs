@@ -71,6 +71,11 @@ pub struct ServerConfig {
     /// From accept to the end of the request head: the slowloris guard.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// Extension: from the end of the request head to the end of an API
+    /// request's body, however slowly it arrives; then `408` and the
+    /// connection is closed (the body-side slowloris guard).
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
     /// Extension: how often an idle proxied socket is pinged (0 = never).
@@ -241,6 +246,7 @@ impl Default for ServerConfig {
             max_connections: default_max_connections(),
             max_connections_per_session: default_max_connections_per_session(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
+            body_timeout_ms: default_body_timeout_ms(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             ping_interval_ms: default_ping_interval_ms(),
             pong_timeout_ms: default_pong_timeout_ms(),

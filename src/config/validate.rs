@@ -76,6 +76,13 @@ pub(super) fn validate(
             "must be at least 1 (0 would disable the slowloris guard)".into(),
         ));
     }
+    if s.body_timeout_ms == 0 {
+        return Err(err(
+            "server.body_timeout_ms",
+            "must be at least 1 (0 would let a stalled request body hold its connection forever)"
+                .into(),
+        ));
+    }
     if s.ping_interval_ms > 0 && s.pong_timeout_ms == 0 {
         return Err(err(
             "server.pong_timeout_ms",

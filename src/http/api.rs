@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use serde::Deserialize;
 
 use crate::app::App;
@@ -32,10 +32,23 @@ struct LoginRequest {
     password: String,
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T> {
-    let bytes: Bytes = Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
+/// Reads a JSON body of at most [`MAX_BODY_BYTES`] within
+/// `server.body_timeout_ms` (the whole body, however it trickles). A
+/// declared `Content-Length` over the limit is refused before any of the
+/// body is read; both refusals close the connection.
+async fn read_json<T: serde::de::DeserializeOwned>(app: &App, req: Request<Incoming>) -> Result<T> {
+    // For a `Content-Length` body the hint is exactly the declared length.
+    if req.body().size_hint().lower() > MAX_BODY_BYTES as u64 {
+        return Err(ApiError::payload_too_large(MAX_BODY_BYTES));
+    }
+    let within = Duration::from_millis(app.config.server.body_timeout_ms);
+    let collected = tokio::time::timeout(
+        within,
+        Limited::new(req.into_body(), MAX_BODY_BYTES).collect(),
+    )
+    .await
+    .map_err(|_| ApiError::request_timeout())?;
+    let bytes: Bytes = collected
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
@@ -99,7 +112,7 @@ async fn login_inner(
     req: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Body>> {
-    let body: LoginRequest = read_json(req).await?;
+    let body: LoginRequest = read_json(app, req).await?;
     if body.username.is_empty()
         || body.username.len() > MAX_CREDENTIAL_BYTES
         || body.password.len() > MAX_CREDENTIAL_BYTES
@@ -108,18 +121,24 @@ async fn login_inner(
             "username must be 1 to 1024 bytes and password at most 1024 bytes",
         ));
     }
-    app.limiter
-        .check(peer.ip(), &body.username)
+    let attempt = app
+        .limiter
+        .reserve(peer.ip(), &body.username)
         .map_err(ApiError::rate_limited)?;
     let password = Secret::new(body.password.into_bytes());
+    app.metrics.password_checks.inc();
     let user = match app.auth.authenticate(&body.username, password).await {
-        Ok(user) => user,
+        Ok(user) => {
+            attempt.succeeded();
+            user
+        }
         Err(crate::auth::AuthError::InvalidCredentials) => {
-            app.limiter.record_failure(peer.ip(), &body.username);
+            attempt.failed();
             tracing::info!(peer = %peer.ip(), "login refused: invalid credentials");
             return Err(ApiError::invalid_credentials());
         }
         Err(crate::auth::AuthError::Unavailable(why)) => {
+            attempt.succeeded();
             tracing::warn!(%why, "login verifier unavailable");
             return Err(ApiError::auth_upstream_unavailable());
         }

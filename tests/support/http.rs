@@ -37,6 +37,29 @@ impl Resp {
     }
 }
 
+/// One complete response (head and a `Content-Length` body) at the start
+/// of `buf`, or `None` while more bytes are needed.
+pub fn parse_response(buf: &[u8]) -> Option<Resp> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let mut headers = http::HeaderMap::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (k, v) = line.split_once(':')?;
+        headers.append(
+            http::HeaderName::from_bytes(k.trim().as_bytes()).ok()?,
+            http::HeaderValue::from_str(v.trim()).ok()?,
+        );
+    }
+    let len: usize = headers.get("content-length")?.to_str().ok()?.parse().ok()?;
+    (buf.len() >= end + len).then(|| Resp {
+        status,
+        headers,
+        body: buf[end..end + len].to_vec(),
+    })
+}
+
 /// `method path` with `headers` and `body`, bounded; panics on a transport
 /// failure (an HTTP error status is a [`Resp`], not a panic).
 pub async fn request(
@@ -184,4 +207,38 @@ pub async fn refresh(addr: SocketAddr, token: &str) -> Resp {
 /// `POST /api/auth/logout` with `token`.
 pub async fn logout(addr: SocketAddr, token: &str) -> Resp {
     call(addr, "POST", "/api/auth/logout", token).await
+}
+
+/// `r` is a JSON error `{"error": code, "message": <non-empty>}` with `status`.
+#[track_caller]
+pub fn assert_error(r: &Resp, status: u16, code: &str) {
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    assert_eq!(r.status, status, "status; body: {text}");
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "content-type {:?}",
+        r.header("content-type")
+    );
+    let body: serde_json::Value =
+        serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    assert_eq!(body["error"].as_str(), Some(code), "body: {text}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "no human message: {text}"
+    );
+}
+
+/// The value of the sample `series` (name with labels) in Prometheus text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// The gateway's `/metrics` text.
+pub async fn metrics(addr: SocketAddr) -> String {
+    let r = request(addr, "GET", "/metrics", &[], None).await;
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body).expect("metrics are UTF-8")
 }
