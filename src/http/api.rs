@@ -12,11 +12,11 @@ use serde::Deserialize;
 use crate::app::App;
 use crate::config::Secret;
 use crate::error::{ApiError, Body, empty_response, json_response};
-use crate::session::{SessionRecord, SessionStore};
-use crate::telemetry::{ReasonLabel, ResultLabel};
+use crate::session::{SessionRecord, SessionStore, Store};
+use crate::telemetry::{Metrics, ReasonLabel, ResultLabel};
 use crate::time::rfc3339;
 use crate::token::credentials::{self, COOKIE_NAME};
-use crate::token::{Claims, Issued};
+use crate::token::{Claims, Issued, TokenService};
 
 /// Largest API request body; a login is a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -252,20 +252,20 @@ pub async fn delete_session(app: &App, req: Request<Incoming>, id: &str) -> Resu
     Ok(empty_response(StatusCode::NO_CONTENT))
 }
 
-pub async fn readyz(app: &App) -> Response<Body> {
-    match app.store.ping().await {
+pub async fn readyz(store: &Store, metrics: &Metrics) -> Response<Body> {
+    match store.ping().await {
         Ok(()) => json_response(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
         // A probe, not a refusal: counted, never logged (a load balancer
         // polls this every few seconds while the store is down).
         Err(_) => {
-            app.metrics.store_errors.inc();
+            metrics.store_errors.inc();
             ApiError::store_unavailable().into_response()
         }
     }
 }
 
-pub fn metrics(app: &App) -> Response<Body> {
-    let mut resp = Response::new(http_body_util::Full::new(Bytes::from(app.metrics.render())));
+pub fn metrics(metrics: &Metrics) -> Response<Body> {
+    let mut resp = Response::new(http_body_util::Full::new(Bytes::from(metrics.render())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -273,7 +273,7 @@ pub fn metrics(app: &App) -> Response<Body> {
     resp
 }
 
-pub fn jwks(app: &App) -> Result<Response<Body>> {
-    let doc = app.tokens.jwks().ok_or_else(ApiError::not_found)?;
+pub fn jwks(tokens: &TokenService) -> Result<Response<Body>> {
+    let doc = tokens.jwks().ok_or_else(ApiError::not_found)?;
     Ok(json_response(StatusCode::OK, doc))
 }

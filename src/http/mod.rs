@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::error::{ApiError, Body, Fault, json_response};
-use crate::telemetry::{EndpointLabel, FaultLabel, redact_target};
+use crate::telemetry::{EndpointLabel, FaultLabel, Metrics, redact_target};
 
 /// Serves one request. Never fails: every refusal is a JSON response.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -25,7 +25,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
-            refused(&app, endpoint, &e);
+            refused(&app.metrics, endpoint, &e);
             e.into_response()
         }
     };
@@ -44,11 +44,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
 }
 
 /// Counts and logs a refusal, once, at the level its fault calls for.
-fn refused(app: &App, endpoint: &'static str, e: &ApiError) {
+fn refused(metrics: &Metrics, endpoint: &'static str, e: &ApiError) {
     if e.fault == Fault::Store {
-        app.metrics.store_errors.inc();
+        metrics.store_errors.inc();
     }
-    app.metrics
+    metrics
         .refusals
         .get_or_create(&FaultLabel {
             fault: e.fault.as_str(),
@@ -139,17 +139,17 @@ async fn dispatch(
         "/readyz" => (
             "readyz",
             match only(&req, Method::GET, "GET") {
-                Ok(()) => Ok(api::readyz(app).await),
+                Ok(()) => Ok(api::readyz(&app.store, &app.metrics).await),
                 Err(e) => Err(e),
             },
         ),
         "/metrics" => (
             "metrics",
-            only(&req, Method::GET, "GET").map(|()| api::metrics(app)),
+            only(&req, Method::GET, "GET").map(|()| api::metrics(&app.metrics)),
         ),
         "/.well-known/jwks.json" => (
             "jwks",
-            only(&req, Method::GET, "GET").and_then(|()| api::jwks(app)),
+            only(&req, Method::GET, "GET").and_then(|()| api::jwks(&app.tokens)),
         ),
         "/" if app.demo_page.is_some() => (
             "demo",
