@@ -4,8 +4,9 @@
 use std::net::SocketAddr;
 
 use http::header::{
-    AUTHORIZATION, CONNECTION, COOKIE, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS,
-    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, SEC_WEBSOCKET_ACCEPT,
+    SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION,
+    UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
@@ -97,6 +98,18 @@ pub fn offered_protocols(headers: &HeaderMap) -> Offered {
 /// Client headers for the upstream request: everything end-to-end except
 /// the client's credentials and any `X-Portcullis-*` it tried to send, plus
 /// the identity the gate established.
+///
+/// Dropped besides:
+/// - every header whose name contains `_`, as NGINX does by default
+///   (`underscores_in_headers off`; Envoy's `headers_with_underscores_action`).
+///   CGI, WSGI, Rack and PHP map `_` and `-` to the same variable, so
+///   `X_Portcullis_User` would reach a runtime as `HTTP_X_PORTCULLIS_USER`,
+///   the gateway's own identity. Dropping them all, rather than only those
+///   that normalise to a name we drop, needs no list kept in step with every
+///   framework's folding rules, and no real client sends such names;
+/// - the hop-by-hop headers of RFC 9110 §7.6.1: the fixed set, and every
+///   header the client named in `Connection`;
+/// - `Content-Length`: the upstream request has no body.
 pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 3);
     for (name, value) in client {
@@ -104,6 +117,7 @@ pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) 
         let hop_or_handshake = name == CONNECTION
             || name == UPGRADE
             || name == HOST
+            || name == CONTENT_LENGTH
             || name == SEC_WEBSOCKET_KEY
             || name == SEC_WEBSOCKET_VERSION
             || name == SEC_WEBSOCKET_PROTOCOL
@@ -117,8 +131,13 @@ pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) 
                     | "transfer-encoding"
                     | "proxy-connection"
                     | "proxy-authorization"
-            );
-        if hop_or_handshake || n.starts_with("x-portcullis-") || name == X_FORWARDED_FOR {
+            )
+            || has_token(client, CONNECTION, n);
+        if hop_or_handshake
+            || n.contains('_')
+            || n.starts_with("x-portcullis-")
+            || name == X_FORWARDED_FOR
+        {
             continue;
         }
         if name == AUTHORIZATION {
@@ -139,9 +158,13 @@ pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) 
         }
         out.append(name.clone(), value.clone());
     }
+    // A client that names X-Forwarded-For in Connection asks for its own
+    // chain to be dropped (RFC 9110 §7.6.1); the chain then starts here.
+    let client_chain = !has_token(client, CONNECTION, X_FORWARDED_FOR.as_str());
     let forwarded_for = client
         .get_all(X_FORWARDED_FOR)
         .iter()
+        .filter(|_| client_chain)
         .filter_map(|v| v.to_str().ok())
         .chain(std::iter::once(peer.ip().to_string().as_str()))
         .collect::<Vec<_>>()
