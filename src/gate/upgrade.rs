@@ -3,11 +3,14 @@
 
 use std::net::SocketAddr;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use http::header::{
-    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, SEC_WEBSOCKET_ACCEPT,
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, ORIGIN, SEC_WEBSOCKET_ACCEPT,
     SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION,
-    UPGRADE,
+    TRANSFER_ENCODING, UPGRADE,
 };
+use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -30,12 +33,20 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 }
 
 /// Check 1: a valid RFC 6455 upgrade request. Returns the accept key.
+///
+/// A request that parsers could read in more than one way is refused first,
+/// with `400 bad_request` (see [`ambiguity`]); a well-formed request that is
+/// not a WebSocket upgrade gets `426 upgrade_required`.
 pub fn check(req: &Request<Incoming>) -> Result<String, ApiError> {
+    if let Some(why) = ambiguity(req) {
+        return Err(ApiError::bad_request(why));
+    }
     let h = req.headers();
     let version_ok = h.get(SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
+    // RFC 6455 §4.2.1: the key is base64 of 16 bytes (24 characters).
     let key = h
         .get(SEC_WEBSOCKET_KEY)
-        .filter(|k| k.len() == 24)
+        .filter(|k| k.len() == 24 && BASE64.decode(k.as_bytes()).is_ok_and(|b| b.len() == 16))
         .map(|k| derive_accept_key(k.as_bytes()));
     match key {
         Some(accept)
@@ -49,6 +60,60 @@ pub fn check(req: &Request<Incoming>) -> Result<String, ApiError> {
         }
         _ => Err(ApiError::upgrade_required()),
     }
+}
+
+/// Headers the gate reads one value of, where a second line would let two
+/// readers (this gate, a proxy in front, the runtime) disagree on which one
+/// counts: which origin was checked, which key was answered, which version
+/// spoken, which credential presented. `Host` is checked on its own (RFC
+/// 9112 §3.2). List-valued headers (`Connection`, `Upgrade`,
+/// `Sec-WebSocket-Protocol`) may repeat: their lines join into one list.
+const SINGLE: [HeaderName; 4] = [
+    ORIGIN,
+    SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_VERSION,
+    AUTHORIZATION,
+];
+
+/// Why a request is ambiguous (RFC 9112 §3.2, §6.1; RFC 6455 §4.1), if it
+/// is: no `Host` on HTTP/1.1, several or a malformed one; a body on the
+/// upgrade `GET` (`Transfer-Encoding` at all, `Content-Length` other than a
+/// single `0`), whose bytes a runtime could read as frames or as the next
+/// request; or a second line of a [`SINGLE`] header.
+pub fn ambiguity(req: &Request<Incoming>) -> Option<&'static str> {
+    let h = req.headers();
+    let mut hosts = h.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == http::Version::HTTP_11 => {
+            return Some("An HTTP/1.1 request needs a Host header");
+        }
+        (Some(_), Some(_)) => return Some("More than one Host header"),
+        (Some(host), None) if Authority::try_from(host.as_bytes()).is_err() => {
+            return Some("The Host header is not a valid host");
+        }
+        _ => {}
+    }
+    if h.contains_key(TRANSFER_ENCODING) {
+        return Some("An upgrade request must not have a body (Transfer-Encoding)");
+    }
+    let mut lengths = h.get_all(CONTENT_LENGTH).iter();
+    match (lengths.next(), lengths.next()) {
+        (None, _) => {}
+        (Some(v), None) if v == "0" => {}
+        _ => return Some("An upgrade request must not have a body (Content-Length)"),
+    }
+    for name in &SINGLE {
+        let mut values = h.get_all(name).iter();
+        if values.next().is_some() && values.next().is_some() {
+            return Some(match *name {
+                ORIGIN => "More than one Origin header",
+                SEC_WEBSOCKET_KEY => "More than one Sec-WebSocket-Key header",
+                SEC_WEBSOCKET_VERSION => "More than one Sec-WebSocket-Version header",
+                _ => "More than one Authorization header",
+            });
+        }
+    }
+    None
 }
 
 /// Check 2: `[]` admits no browser origin, `["*"]` any, otherwise an exact
@@ -109,7 +174,8 @@ pub fn offered_protocols(headers: &HeaderMap) -> Offered {
 ///   framework's folding rules, and no real client sends such names;
 /// - the hop-by-hop headers of RFC 9110 §7.6.1: the fixed set, and every
 ///   header the client named in `Connection`;
-/// - `Content-Length`: the upstream request has no body.
+/// - `Content-Length`: the upstream request has no body ([`ambiguity`]
+///   refused one).
 pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 3);
     for (name, value) in client {
