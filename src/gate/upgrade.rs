@@ -392,4 +392,169 @@ mod tests {
         assert!(!origin_allowed(&[], &v));
         assert!(!origin_allowed(&["http://localhost:3001".into()], &v));
     }
+
+    /// Property (issue 16): whatever a client sends, the upstream request
+    /// carries no `X-Portcullis-*` but the gateway's own, no header with `_`,
+    /// no hop-by-hop header (fixed or named in `Connection`), no credential,
+    /// and nothing the client did not send.
+    mod forwarded_property {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Names a hostile request mixes: identity look-alikes, underscores,
+        /// hop-by-hop, handshake, credentials, and ordinary names.
+        const NAMES: &[&str] = &[
+            "x-portcullis-user",
+            "x-portcullis-session-id",
+            "x-portcullis-role",
+            "x_portcullis_user",
+            "x-portcullis_session-id",
+            "custom_header",
+            "_",
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+            "proxy-authorization",
+            "host",
+            "content-length",
+            "sec-websocket-key",
+            "sec-websocket-version",
+            "sec-websocket-protocol",
+            "sec-websocket-extensions",
+            "sec-websocket-accept",
+            "authorization",
+            "cookie",
+            "x-forwarded-for",
+            "x-hop",
+            "x-trace",
+            "user-agent",
+            "origin",
+            "accept-language",
+        ];
+
+        const HOP: &[&str] = &[
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+            "proxy-authorization",
+            "host",
+            "content-length",
+            "sec-websocket-key",
+            "sec-websocket-version",
+            "sec-websocket-protocol",
+            "sec-websocket-extensions",
+            "sec-websocket-accept",
+        ];
+
+        /// One header: a name, and a value built for it from `seed` and
+        /// `named` (the names a `Connection` value lists, in either case).
+        /// Plain tuples of cheap strategies: a per-name strategy would cost
+        /// more than `forwarded_headers` itself.
+        fn header(
+            (name, seed, named): (&'static str, u32, Vec<(&'static str, bool)>),
+        ) -> (&'static str, String) {
+            let value = match name {
+                "connection" => {
+                    let list: Vec<String> = named
+                        .iter()
+                        .map(|&(n, up)| {
+                            if up {
+                                n.to_ascii_uppercase()
+                            } else {
+                                n.to_string()
+                            }
+                        })
+                        .collect();
+                    format!(" {} ,", list.join(" ,  "))
+                }
+                "authorization" => match seed % 3 {
+                    0 => format!("Bearer SECRET{seed}"),
+                    1 => format!("bearer SECRET{seed}"),
+                    _ => format!("Basic dXNlcjp{seed}"),
+                },
+                "cookie" => format!("c{}={seed}; portcullis_session=SECRETc; z=1", seed % 7),
+                "sec-websocket-protocol" => "chat, bearer, SECRETp".to_string(),
+                _ => ["v", "a b", "10.0.0.9", "x,y", "q=1; r", "~!@#$%^&*()"][seed as usize % 6]
+                    .to_string(),
+            };
+            (name, value)
+        }
+
+        fn headers() -> impl Strategy<Value = Vec<(&'static str, String)>> {
+            let named = prop::collection::vec((prop::sample::select(NAMES), any::<bool>()), 0..4);
+            prop::collection::vec(
+                (prop::sample::select(NAMES), any::<u32>(), named).prop_map(header),
+                0..12,
+            )
+        }
+
+        fn cases() -> u32 {
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(if std::env::var_os("CI").is_some() {
+                    100_000
+                } else {
+                    10_000
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+            #[test]
+            fn nothing_spoofed_hop_by_hop_or_secret_goes_upstream(pairs in headers()) {
+                let mut client = HeaderMap::new();
+                for (n, v) in &pairs {
+                    client.append(HeaderName::from_static(n), HeaderValue::from_str(v).unwrap());
+                }
+                let peer: SocketAddr = "10.1.2.3:5".parse().unwrap();
+                let out = forwarded_headers(&client, &claims(), peer);
+                let named: Vec<String> = client
+                    .get_all(CONNECTION)
+                    .iter()
+                    .flat_map(|v| v.to_str().unwrap().split(','))
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .collect();
+                let own = ["x-portcullis-user", "x-portcullis-session-id", "x-forwarded-for"];
+                for (name, value) in &out {
+                    let n = name.as_str();
+                    let v = value.to_str().unwrap();
+                    prop_assert!(!n.contains('_'), "{n}");
+                    prop_assert!(!v.contains("SECRET"), "{n}: {v}");
+                    if own.contains(&n) {
+                        continue;
+                    }
+                    prop_assert!(!n.starts_with("x-portcullis-"), "{n}");
+                    prop_assert!(!HOP.contains(&n), "{n}");
+                    prop_assert!(!named.iter().any(|t| t == n), "{n} named in Connection");
+                    if n == "authorization" {
+                        prop_assert!(!v.to_ascii_lowercase().starts_with("bearer "));
+                    }
+                    // Nothing invented: the value is the client's (a cookie
+                    // header minus the session cookie).
+                    let sent: Vec<&str> = client.get_all(name).iter().map(|v| v.to_str().unwrap()).collect();
+                    if n == "cookie" {
+                        let items: Vec<&str> = sent.iter().flat_map(|s| s.split(';')).map(str::trim).collect();
+                        prop_assert!(v.split(';').map(str::trim).all(|c| items.contains(&c)), "{v}");
+                    } else {
+                        prop_assert!(sent.contains(&v), "{n}: {v}");
+                    }
+                }
+                prop_assert_eq!(out.get_all("x-portcullis-user").iter().collect::<Vec<_>>(), vec!["alice"]);
+                prop_assert_eq!(out.get_all("x-portcullis-session-id").iter().collect::<Vec<_>>(), vec!["sid123"]);
+                let xff: Vec<_> = out.get_all("x-forwarded-for").iter().collect();
+                prop_assert_eq!(xff.len(), 1);
+                prop_assert!(xff[0].to_str().unwrap().ends_with("10.1.2.3"));
+            }
+        }
+    }
 }
