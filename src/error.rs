@@ -247,6 +247,18 @@ impl ApiError {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        if self.status == StatusCode::UPGRADE_REQUIRED {
+            // RFC 9110 §15.5.22, §7.8: a 426 names the protocol to upgrade
+            // to (and so `Connection: upgrade`); RFC 6455 §4.4: and the
+            // WebSocket version this server speaks.
+            let h = resp.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
         resp
     }
 }

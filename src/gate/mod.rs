@@ -1,6 +1,9 @@
 //! The WebSocket gate (SPEC §6): the ordered checks an upgrade must pass
 //! before any upstream is dialled, then the hand-over of the socket.
 //!
+//! 0. an unambiguous request (one valid `Host`, no body, one `Origin`, key,
+//!    version and `Authorization`) → else `400 bad_request`; the path was
+//!    already checked by [`crate::routing::unsafe_path`] before routing
 //! 1. a valid WebSocket upgrade → else `426 upgrade_required`
 //! 2. `Origin` allowed → else `403 origin_not_allowed`
 //! 3. a token that verifies → else `403 missing_token|invalid_token|token_expired`

@@ -3,10 +3,14 @@
 
 use std::net::SocketAddr;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use http::header::{
-    AUTHORIZATION, CONNECTION, COOKIE, HOST, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS,
-    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, COOKIE, HOST, ORIGIN, SEC_WEBSOCKET_ACCEPT,
+    SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION,
+    TRANSFER_ENCODING, UPGRADE,
 };
+use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -29,12 +33,20 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 }
 
 /// Check 1: a valid RFC 6455 upgrade request. Returns the accept key.
+///
+/// A request that parsers could read in more than one way is refused first,
+/// with `400 bad_request` (see [`ambiguity`]); a well-formed request that is
+/// not a WebSocket upgrade gets `426 upgrade_required`.
 pub fn check(req: &Request<Incoming>) -> Result<String, ApiError> {
+    if let Some(why) = ambiguity(req) {
+        return Err(ApiError::bad_request(why));
+    }
     let h = req.headers();
     let version_ok = h.get(SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13");
+    // RFC 6455 §4.2.1: the key is base64 of 16 bytes (24 characters).
     let key = h
         .get(SEC_WEBSOCKET_KEY)
-        .filter(|k| k.len() == 24)
+        .filter(|k| k.len() == 24 && BASE64.decode(k.as_bytes()).is_ok_and(|b| b.len() == 16))
         .map(|k| derive_accept_key(k.as_bytes()));
     match key {
         Some(accept)
@@ -48,6 +60,60 @@ pub fn check(req: &Request<Incoming>) -> Result<String, ApiError> {
         }
         _ => Err(ApiError::upgrade_required()),
     }
+}
+
+/// Headers the gate reads one value of, where a second line would let two
+/// readers (this gate, a proxy in front, the runtime) disagree on which one
+/// counts: which origin was checked, which key was answered, which version
+/// spoken, which credential presented. `Host` is checked on its own (RFC
+/// 9112 §3.2). List-valued headers (`Connection`, `Upgrade`,
+/// `Sec-WebSocket-Protocol`) may repeat: their lines join into one list.
+const SINGLE: [HeaderName; 4] = [
+    ORIGIN,
+    SEC_WEBSOCKET_KEY,
+    SEC_WEBSOCKET_VERSION,
+    AUTHORIZATION,
+];
+
+/// Why a request is ambiguous (RFC 9112 §3.2, §6.1; RFC 6455 §4.1), if it
+/// is: no `Host` on HTTP/1.1, several or a malformed one; a body on the
+/// upgrade `GET` (`Transfer-Encoding` at all, `Content-Length` other than a
+/// single `0`), whose bytes a runtime could read as frames or as the next
+/// request; or a second line of a [`SINGLE`] header.
+pub fn ambiguity(req: &Request<Incoming>) -> Option<&'static str> {
+    let h = req.headers();
+    let mut hosts = h.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == http::Version::HTTP_11 => {
+            return Some("An HTTP/1.1 request needs a Host header");
+        }
+        (Some(_), Some(_)) => return Some("More than one Host header"),
+        (Some(host), None) if Authority::try_from(host.as_bytes()).is_err() => {
+            return Some("The Host header is not a valid host");
+        }
+        _ => {}
+    }
+    if h.contains_key(TRANSFER_ENCODING) {
+        return Some("An upgrade request must not have a body (Transfer-Encoding)");
+    }
+    let mut lengths = h.get_all(CONTENT_LENGTH).iter();
+    match (lengths.next(), lengths.next()) {
+        (None, _) => {}
+        (Some(v), None) if v == "0" => {}
+        _ => return Some("An upgrade request must not have a body (Content-Length)"),
+    }
+    for name in &SINGLE {
+        let mut values = h.get_all(name).iter();
+        if values.next().is_some() && values.next().is_some() {
+            return Some(match *name {
+                ORIGIN => "More than one Origin header",
+                SEC_WEBSOCKET_KEY => "More than one Sec-WebSocket-Key header",
+                SEC_WEBSOCKET_VERSION => "More than one Sec-WebSocket-Version header",
+                _ => "More than one Authorization header",
+            });
+        }
+    }
+    None
 }
 
 /// Check 2: `[]` admits no browser origin, `["*"]` any, otherwise an exact
@@ -97,6 +163,19 @@ pub fn offered_protocols(headers: &HeaderMap) -> Offered {
 /// Client headers for the upstream request: everything end-to-end except
 /// the client's credentials and any `X-Portcullis-*` it tried to send, plus
 /// the identity the gate established.
+///
+/// Dropped besides:
+/// - every header whose name contains `_`, as NGINX does by default
+///   (`underscores_in_headers off`; Envoy's `headers_with_underscores_action`).
+///   CGI, WSGI, Rack and PHP map `_` and `-` to the same variable, so
+///   `X_Portcullis_User` would reach a runtime as `HTTP_X_PORTCULLIS_USER`,
+///   the gateway's own identity. Dropping them all, rather than only those
+///   that normalise to a name we drop, needs no list kept in step with every
+///   framework's folding rules, and no real client sends such names;
+/// - the hop-by-hop headers of RFC 9110 §7.6.1: the fixed set, and every
+///   header the client named in `Connection`;
+/// - `Content-Length`: the upstream request has no body ([`ambiguity`]
+///   refused one).
 pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(client.len() + 3);
     for (name, value) in client {
@@ -104,6 +183,7 @@ pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) 
         let hop_or_handshake = name == CONNECTION
             || name == UPGRADE
             || name == HOST
+            || name == CONTENT_LENGTH
             || name == SEC_WEBSOCKET_KEY
             || name == SEC_WEBSOCKET_VERSION
             || name == SEC_WEBSOCKET_PROTOCOL
@@ -117,8 +197,13 @@ pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) 
                     | "transfer-encoding"
                     | "proxy-connection"
                     | "proxy-authorization"
-            );
-        if hop_or_handshake || n.starts_with("x-portcullis-") || name == X_FORWARDED_FOR {
+            )
+            || has_token(client, CONNECTION, n);
+        if hop_or_handshake
+            || n.contains('_')
+            || n.starts_with("x-portcullis-")
+            || name == X_FORWARDED_FOR
+        {
             continue;
         }
         if name == AUTHORIZATION {
@@ -139,9 +224,13 @@ pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) 
         }
         out.append(name.clone(), value.clone());
     }
+    // A client that names X-Forwarded-For in Connection asks for its own
+    // chain to be dropped (RFC 9110 §7.6.1); the chain then starts here.
+    let client_chain = !has_token(client, CONNECTION, X_FORWARDED_FOR.as_str());
     let forwarded_for = client
         .get_all(X_FORWARDED_FOR)
         .iter()
+        .filter(|_| client_chain)
         .filter_map(|v| v.to_str().ok())
         .chain(std::iter::once(peer.ip().to_string().as_str()))
         .collect::<Vec<_>>()
@@ -302,5 +391,149 @@ mod tests {
         assert!(origin_allowed(&["*".into()], &v));
         assert!(!origin_allowed(&[], &v));
         assert!(!origin_allowed(&["http://localhost:3001".into()], &v));
+    }
+
+    /// Property (issue 16): whatever a client sends, the upstream request
+    /// carries no `X-Portcullis-*` but the gateway's own, no header with `_`,
+    /// no hop-by-hop header (fixed or named in `Connection`), no credential,
+    /// and nothing the client did not send.
+    mod forwarded_property {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Hop-by-hop and handshake names: never forwarded.
+        const HOP: &[&str] = &[
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+            "proxy-authorization",
+            "host",
+            "content-length",
+            "sec-websocket-key",
+            "sec-websocket-version",
+            "sec-websocket-protocol",
+            "sec-websocket-extensions",
+            "sec-websocket-accept",
+        ];
+
+        /// The other names a hostile request mixes in: identity look-alikes,
+        /// underscores, credentials, and ordinary names.
+        const OTHERS: &[&str] = &[
+            "x-portcullis-user",
+            "x-portcullis-session-id",
+            "x-portcullis-role",
+            "x_portcullis_user",
+            "x-portcullis_session-id",
+            "custom_header",
+            "_",
+            "authorization",
+            "cookie",
+            "x-forwarded-for",
+            "x-hop",
+            "x-trace",
+            "user-agent",
+            "origin",
+            "accept-language",
+        ];
+
+        fn names() -> Vec<&'static str> {
+            [HOP, OTHERS].concat()
+        }
+
+        /// One header: a name, and a value built for it from `seed` and
+        /// `named` (the names a `Connection` value lists, in either case).
+        /// Plain tuples of cheap strategies: a per-name strategy would cost
+        /// more than `forwarded_headers` itself.
+        fn header(
+            (name, seed, named): (&'static str, u32, Vec<(&'static str, bool)>),
+        ) -> (&'static str, String) {
+            let value = match name {
+                "connection" => {
+                    let list: Vec<String> = named
+                        .iter()
+                        .map(|&(n, up)| {
+                            if up {
+                                n.to_ascii_uppercase()
+                            } else {
+                                n.to_string()
+                            }
+                        })
+                        .collect();
+                    format!(" {} ,", list.join(" ,  "))
+                }
+                "authorization" => match seed % 3 {
+                    0 => format!("Bearer SECRET{seed}"),
+                    1 => format!("bearer SECRET{seed}"),
+                    _ => format!("Basic dXNlcjp{seed}"),
+                },
+                "cookie" => format!("c{}={seed}; portcullis_session=SECRETc; z=1", seed % 7),
+                "sec-websocket-protocol" => "chat, bearer, SECRETp".to_string(),
+                _ => ["v", "a b", "10.0.0.9", "x,y", "q=1; r", "~!@#$%^&*()"][seed as usize % 6]
+                    .to_string(),
+            };
+            (name, value)
+        }
+
+        fn headers() -> impl Strategy<Value = Vec<(&'static str, String)>> {
+            let named = prop::collection::vec((prop::sample::select(names()), any::<bool>()), 0..4);
+            prop::collection::vec(
+                (prop::sample::select(names()), any::<u32>(), named).prop_map(header),
+                0..12,
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(100_000))]
+
+            #[test]
+            fn nothing_spoofed_hop_by_hop_or_secret_goes_upstream(pairs in headers()) {
+                let mut client = HeaderMap::new();
+                for (n, v) in &pairs {
+                    client.append(HeaderName::from_static(n), HeaderValue::from_str(v).unwrap());
+                }
+                let peer: SocketAddr = "10.1.2.3:5".parse().unwrap();
+                let out = forwarded_headers(&client, &claims(), peer);
+                let named: Vec<String> = client
+                    .get_all(CONNECTION)
+                    .iter()
+                    .flat_map(|v| v.to_str().unwrap().split(','))
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .collect();
+                let own = ["x-portcullis-user", "x-portcullis-session-id", "x-forwarded-for"];
+                for (name, value) in &out {
+                    let n = name.as_str();
+                    let v = value.to_str().unwrap();
+                    prop_assert!(!n.contains('_'), "{n}");
+                    prop_assert!(!v.contains("SECRET"), "{n}: {v}");
+                    if own.contains(&n) {
+                        continue;
+                    }
+                    prop_assert!(!n.starts_with("x-portcullis-"), "{n}");
+                    prop_assert!(!HOP.contains(&n), "{n}");
+                    prop_assert!(!named.iter().any(|t| t == n), "{n} named in Connection");
+                    if n == "authorization" {
+                        prop_assert!(!v.to_ascii_lowercase().starts_with("bearer "));
+                    }
+                    // Nothing invented: the value is the client's (a cookie
+                    // header minus the session cookie).
+                    let sent: Vec<&str> = client.get_all(name).iter().map(|v| v.to_str().unwrap()).collect();
+                    if n == "cookie" {
+                        let items: Vec<&str> = sent.iter().flat_map(|s| s.split(';')).map(str::trim).collect();
+                        prop_assert!(v.split(';').map(str::trim).all(|c| items.contains(&c)), "{v}");
+                    } else {
+                        prop_assert!(sent.contains(&v), "{n}: {v}");
+                    }
+                }
+                prop_assert_eq!(out.get_all("x-portcullis-user").iter().collect::<Vec<_>>(), vec!["alice"]);
+                prop_assert_eq!(out.get_all("x-portcullis-session-id").iter().collect::<Vec<_>>(), vec!["sid123"]);
+                let xff: Vec<_> = out.get_all("x-forwarded-for").iter().collect();
+                prop_assert_eq!(xff.len(), 1);
+                prop_assert!(xff[0].to_str().unwrap().ends_with("10.1.2.3"));
+            }
+        }
     }
 }

@@ -172,18 +172,15 @@ async fn dispatch(
                 };
                 ("session", r)
             }
-            _ if crate::routing::has_dot_segment(p) => (
-                "not_found",
-                Err(ApiError::bad_request(
-                    "Path must not contain '.' or '..' segments",
-                )),
-            ),
-            _ => match app.routes.lookup(p) {
-                Some((route, rest)) => {
-                    let (route, rest) = (route.clone(), rest.to_string());
-                    ("upgrade", app.gate.handle(req, route, rest, peer).await)
-                }
-                None => ("not_found", Err(ApiError::not_found())),
+            _ => match crate::routing::unsafe_path(p) {
+                Some(why) => ("not_found", Err(ApiError::bad_request(why))),
+                None => match app.routes.lookup(p) {
+                    Some((route, rest)) => {
+                        let (route, rest) = (route.clone(), rest.to_string());
+                        ("upgrade", app.gate.handle(req, route, rest, peer).await)
+                    }
+                    None => ("not_found", Err(ApiError::not_found())),
+                },
             },
         },
     }
