@@ -12,8 +12,11 @@
 //!   echo: text and binary echoed, small buffers, replies batched per read).
 //! - `rtt`, `stream`, `churn`, `hold`: WebSocket workloads against one target.
 //! - `login`, `verify`: the gateway's HTTP API under load.
+//! - `idle-store`: Redis commands per idle socket per second (`idle_store`).
 //! - `free-port`, `report`: helpers for the script (free ports; medians of the
 //!   JSON lines as a markdown table).
+
+mod idle_store;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -81,6 +84,9 @@ enum Command {
     Verify(VerifyArgs),
     /// Shared route: one runtime streams to N viewports of one session.
     Fanout(FanoutArgs),
+    /// N idle proxied sockets in N sessions: Redis commands per socket per
+    /// second from `INFO stats`, for several N in one run.
+    IdleStore(idle_store::IdleStoreArgs),
     /// Shared route: detach, then reattach with resume_from; time to the
     /// first replayed frame.
     Resume(ResumeArgs),
@@ -283,6 +289,7 @@ fn main() -> std::process::ExitCode {
                     Command::Login(a) => login_bench(a).await,
                     Command::Verify(a) => verify_bench(a).await,
                     Command::Fanout(a) => fanout(a).await,
+                    Command::IdleStore(a) => idle_store::idle_store(a).await,
                     Command::Resume(a) => resume_bench(a).await,
                     Command::FreePort { .. } | Command::Report { .. } => unreachable!(),
                 }
