@@ -117,11 +117,7 @@ pub async fn idle_store(a: IdleStoreArgs) -> Result<()> {
     let max = *counts.last().context("--counts is empty")?;
     let (token, _) = login_once(&a.base, &a.user, &a.password).await?;
     let tokens = sessions(&a.base, &token, max).await?;
-    let url = format!(
-        "{}{}",
-        a.base.replacen("http://", "ws://", 1),
-        a.path
-    );
+    let url = format!("{}{}", a.base.replacen("http://", "ws://", 1), a.path);
     // Each socket gets a reader task: it answers the gateway's keep-alive
     // pings (an unread socket would be dropped as dead) and counts a close.
     let closed = Arc::new(AtomicUsize::new(0));
