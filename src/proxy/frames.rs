@@ -397,7 +397,7 @@ impl FrameTracker {
 
     /// Checks `masked`, the next payload bytes of the current frame.
     fn check_payload(&mut self, masked: &[u8]) -> Result<(), Event> {
-        let mut buf = [0u8; 1024];
+        let mut buf = [0u8; 512];
         for block in masked.chunks(buf.len()) {
             let plain = &mut buf[..block.len()];
             unmask(plain, block, &mut self.mask);
@@ -457,7 +457,22 @@ impl FrameTracker {
 /// XORs `src` with `mask` into `out` (same length) and rotates `mask` so
 /// that it continues where `src` ended.
 fn unmask(out: &mut [u8], src: &[u8], mask: &mut [u8; 4]) {
-    for (i, (o, s)) in out.iter_mut().zip(src).enumerate() {
+    // Eight bytes at a time (a byte loop indexing the mask ran at a tenth
+    // of the speed); the tail starts at a multiple of 4, so at mask[0].
+    let [a, b, c, d] = *mask;
+    let wide = u64::from_ne_bytes([a, b, c, d, a, b, c, d]);
+    let mut outs = out.chunks_exact_mut(8);
+    let mut srcs = src.chunks_exact(8);
+    for (o, s) in (&mut outs).zip(&mut srcs) {
+        let v = u64::from_ne_bytes(s.try_into().expect("8 bytes")) ^ wide;
+        o.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, (o, s)) in outs
+        .into_remainder()
+        .iter_mut()
+        .zip(srcs.remainder())
+        .enumerate()
+    {
         *o = s ^ mask[i & 3];
     }
     mask.rotate_left(src.len() % 4);
@@ -872,6 +887,43 @@ mod tests {
                     let ok = v.feed(&s[..cut]) && v.feed(&s[cut..cut2]) && v.feed(&s[cut2..]);
                     assert_eq!(ok && v.complete(), expect, "{s:?} at {cut},{cut2}");
                 }
+            }
+        }
+    }
+
+    /// What the checks cost, in a release build:
+    /// `cargo test --release --lib -- --ignored scan_throughput --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn scan_throughput() {
+        let text = "chat message κόσμε ✓ ".repeat(4096);
+        for (size, op) in [(256, TEXT), (256, BINARY), (16384, TEXT), (16384, BINARY)] {
+            let frame = masked(op, true, &text.as_bytes()[..size]);
+            let stream = frame.repeat((64 << 20) / frame.len());
+            for rules in [Rules::default(), CLIENT] {
+                let mut t = FrameTracker::new(rules);
+                let started = std::time::Instant::now();
+                // The relay's reads: 16 KiB at a time, after the carry.
+                let mut buf = Vec::with_capacity(16384 + MAX_HEADER);
+                for chunk in stream.chunks(16384) {
+                    buf.extend_from_slice(chunk);
+                    let s = t.scan(&buf, 1 << 20);
+                    assert_eq!(s.event, None);
+                    buf.drain(..s.consumed);
+                }
+                let secs = started.elapsed().as_secs_f64();
+                let n = stream.len() / frame.len();
+                println!(
+                    "{size:>5} B {}: {:>7.0} MB/s, {:>5.1} ns per frame ({})",
+                    if op == TEXT { "text  " } else { "binary" },
+                    stream.len() as f64 / secs / 1e6,
+                    secs * 1e9 / n as f64,
+                    if rules.client {
+                        "client checks"
+                    } else {
+                        "framing only"
+                    },
+                );
             }
         }
     }
