@@ -13,11 +13,12 @@
 //! messages and close reasons. UTF-8 is validated incrementally, as the
 //! bytes arrive: each chunk's payload is unmasked into a stack buffer and
 //! validated before anything of it is forwarded, an incomplete code point
-//! carried to the next chunk or fragment ([`Utf8`]). A frame found broken is
-//! not forwarded from its first byte in the chunk that showed the fault on;
-//! when that fault is in the payload of a frame whose start went out in an
-//! earlier read, the runtime is left mid-frame ([`FrameTracker::at_boundary`]
-//! is false), so it gets no close frame, only the end of the connection.
+//! carried to the next chunk or fragment ([`Utf8`]). Nothing of a broken
+//! frame that is in the read where the fault shows is forwarded: a header
+//! fault stops the stream before the frame. An invalid byte in the payload
+//! of a frame whose start (and valid first part) went out in an earlier
+//! read leaves the runtime mid-frame ([`FrameTracker::at_boundary`] is
+//! false): it then gets no close frame, only the end of the connection.
 
 use simdutf8::compat::from_utf8;
 
