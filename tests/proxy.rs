@@ -101,40 +101,12 @@ async fn fragmented_message_from_client_arrives_whole() {
     assert_eq!(ws::next(&mut s).await, Message::text("fragmented"));
 }
 
-/// A raw client: the upgrade by hand, then bytes compared exactly.
 async fn raw_upgrade(gw: &Gateway, token: &str) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let req = format!(
-        "GET /ws/echo HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Authorization: Bearer {token}\r\n\r\n",
-        gw.addr
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte))
-            .await
-            .expect("no 101")
-            .unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(
-        head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
-        "accept key per RFC 6455: {head}"
-    );
-    s
+    ws::raw_upgrade(gw.addr, "/ws/echo", token).await
 }
 
 fn masked(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
-    let mut f = Frame::message(payload.to_vec(), opcode, fin);
-    f.header_mut().mask = Some([9, 8, 7, 6]);
-    let mut out = Vec::new();
-    f.format(&mut out).unwrap();
-    out
+    ws::masked(opcode.into(), fin, payload)
 }
 
 #[tokio::test]
@@ -210,29 +182,6 @@ async fn runtime_close_code_and_reason_are_relayed() {
     assert_eq!((code, reason.as_str()), (4001, "bye now"));
 }
 
-/// Reads one unmasked frame from a raw socket: (opcode byte, payload).
-async fn read_frame(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
-    tokio::time::timeout(Duration::from_secs(5), async {
-        let mut head = [0u8; 2];
-        s.read_exact(&mut head).await.unwrap();
-        assert_eq!(head[1] & 0x80, 0, "frames to a client are never masked");
-        let len = match head[1] & 0x7f {
-            126 => {
-                let mut l = [0u8; 2];
-                s.read_exact(&mut l).await.unwrap();
-                u16::from_be_bytes(l) as usize
-            }
-            127 => panic!("unexpectedly large frame"),
-            n => n as usize,
-        };
-        let mut payload = vec![0u8; len];
-        s.read_exact(&mut payload).await.unwrap();
-        (head[0] & 0x0f, payload)
-    })
-    .await
-    .expect("no frame within 5 s")
-}
-
 #[tokio::test]
 async fn runtime_vanishing_without_close_is_1014() {
     // Read raw: tungstenite clients rewrite 1014 (IANA "Bad Gateway") to
@@ -242,7 +191,7 @@ async fn runtime_vanishing_without_close_is_1014() {
     s.write_all(&masked(OpCode::Data(Data::Text), true, b"die"))
         .await
         .unwrap();
-    let (opcode, payload) = read_frame(&mut s).await;
+    let (opcode, payload) = ws::read_frame(&mut s).await;
     assert_eq!(opcode, 0x8, "a close frame");
     assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1014);
     assert_eq!(&payload[2..], b"upstream_unavailable");
@@ -272,10 +221,11 @@ async fn oversized_ping_is_a_protocol_error_not_a_runtime_failure() {
     s.send(Message::Frame(raw)).await.unwrap();
     let (code, reason) = expect_close(&mut s, Duration::from_secs(5)).await;
     assert_eq!((code, reason.as_str()), (1002, "protocol_error"));
-    // The runtime was told why, and saw no oversized frame.
+    // The runtime was told the client is gone (SPEC §6), and saw no
+    // oversized frame.
     assert_eq!(
         up.next_event(Duration::from_secs(5)).await,
-        support::upstream::Event::ClosedBy(1002)
+        support::upstream::Event::ClosedBy(1001)
     );
 }
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# A/B comparison of two gateway binaries on one workload: one echo runtime,
+# one Redis, both gateways up at once (bench/portcullis.toml), the workload
+# run against A then B (the order swapped every round), each call under
+# `timeout`. Needs redis-server, not nginx/haproxy.
+#
+#   bench/ab.sh OLD_BIN NEW_BIN [ROUNDS] [WORKLOAD]   # default 3 rounds of stream
+#
+# Prints each run's JSON line (messages/s, the gateway's CPU µs per message:
+# `--cpu-pid` is the gateway alone); `portcullis-bench` is
+# target/release/portcullis-bench (built if missing).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+A=$1 B=$2 ROUNDS=${3:-3} WORKLOAD=${4:-stream}
+BENCH="$ROOT/target/release/portcullis-bench"
+[ -x "$BENCH" ] || (cd "$ROOT" && cargo build --release --bin portcullis-bench)
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+ulimit -n 20000 2>/dev/null || true
+
+wait_for() {
+    for _ in $(seq 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "ab.sh: timed out waiting for: $*" >&2
+    exit 1
+}
+
+mapfile -t P < <("$BENCH" free-port --count 4)
+ECHO=${P[0]} REDIS=${P[1]} PORT_A=${P[2]} PORT_B=${P[3]}
+"$BENCH" echo --listen "127.0.0.1:$ECHO" >"$TMP/echo.out" 2>&1 &
+PIDS+=($!)
+redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$TMP" --logfile "$TMP/redis.log" &
+PIDS+=($!)
+wait_for grep -q "listening on" "$TMP/echo.out"
+wait_for redis-cli -p "$REDIS" ping
+
+PASSWORD=$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
+HASH=$(printf '%s\n' "$PASSWORD" | "$A" hash-password)
+PORTCULLIS_SIGNING_KEY=$(head -c 48 /dev/urandom | base64 -w0)
+export PORTCULLIS_SIGNING_KEY
+declare -A PID
+for side in A B; do
+    port_var="PORT_$side"
+    sed -e "s|@PORT@|${!port_var}|; s|@REDIS_PORT@|$REDIS|; s|@ECHO_PORT@|$ECHO|g" \
+        -e "s|@MAXCONN@|1000|g; s|@PASSWORD_HASH@|$HASH|" \
+        "$ROOT/bench/portcullis.toml" >"$TMP/$side.toml"
+    bin=${!side}
+    cp "$bin" "$TMP/portcullis-$side"  # a rebuild cannot swap it mid-run
+    PORTCULLIS_LOG=warn "$TMP/portcullis-$side" --config "$TMP/$side.toml" \
+        >"$TMP/$side.out" 2>&1 &
+    PID[$side]=$!
+    PIDS+=($!)
+    wait_for grep -q "portcullis listening on http://" "$TMP/$side.out"
+done
+
+for round in $(seq "$ROUNDS"); do
+    order=(A B)
+    [ $((round % 2)) = 0 ] && order=(B A)
+    for side in "${order[@]}"; do
+        port_var="PORT_$side"
+        timeout 60 "$BENCH" "$WORKLOAD" --url "ws://127.0.0.1:${!port_var}/ws/echo" \
+            --label "$side" --run "$round" \
+            --token-url "http://127.0.0.1:${!port_var}" --user bench --password "$PASSWORD" \
+            --cpu-pid "${PID[$side]}"
+    done
+done
