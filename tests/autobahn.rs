@@ -145,10 +145,7 @@ async fn autobahn_fuzzingclient_passes_through_the_gateway() {
         &config(None, &route),
         &[("PORTCULLIS_LOG", "warn")],
     );
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = login(gw.addr, "alice").await.token;
     let dir = TempDir::new();
     let spec = serde_json::json!({
         "outdir": dir.0.join("reports"),

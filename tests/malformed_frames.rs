@@ -208,10 +208,7 @@ async fn setup() -> (RawRuntime, Gateway, String) {
         rt.addr
     );
     let gw = Gateway::start("", &config(None, &route));
-    let token = login(gw.addr, "alice").await["session_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let token = login(gw.addr, "alice").await.token;
     (rt, gw, token)
 }
 
