@@ -11,7 +11,7 @@ use crate::config::{Config, Loaded, StoreKind};
 use crate::gate::Gate;
 use crate::hub::Hubs;
 use crate::routing::{Route, RouteTable};
-use crate::session::{MemoryStore, RedisStore, Store, StoreError};
+use crate::session::{MemoryStore, RedisStore, Store, StoreError, UserLimit};
 use crate::shutdown::Shutdown;
 use crate::sockets::Sockets;
 use crate::telemetry::Metrics;
@@ -47,13 +47,17 @@ impl App {
     pub async fn build(loaded: Loaded) -> Result<App, AppError> {
         let Loaded { config, keys, .. } = loaded;
         let tokens = Arc::new(TokenService::new(&config.tokens, &keys)?);
-        let store = Arc::new(match config.sessions.store {
+        let store = match config.sessions.store {
             StoreKind::Memory => Store::Memory(MemoryStore::new()),
             StoreKind::Redis => Store::Redis(
                 RedisStore::connect(&config.sessions.redis_url, &config.sessions.key_prefix)
                     .await?,
             ),
-        });
+        };
+        let store = Arc::new(store.with_user_limit(UserLimit {
+            max_sessions: config.auth.max_sessions_per_user,
+            slack: Duration::from_secs(config.tokens.ttl_secs),
+        }));
         let routes = RouteTable::new(
             config
                 .routes

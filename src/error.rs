@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 
-use crate::session::StoreError;
+use crate::session::{CreateError, StoreError};
 use crate::token::TokenError;
 
 pub type Body = Full<Bytes>;
@@ -212,6 +212,17 @@ impl ApiError {
         .fault(Fault::Capacity)
     }
 
+    /// The user already holds `auth.max_sessions_per_user` live sessions:
+    /// no `Retry-After`, since waiting frees nothing; ending one does.
+    pub fn too_many_sessions(max: u32) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sessions",
+            format!("This user already has {max} live sessions; log out of one first"),
+        )
+        .fault(Fault::Capacity)
+    }
+
     pub fn upstream_unavailable() -> Self {
         Self::new(
             StatusCode::BAD_GATEWAY,
@@ -282,6 +293,15 @@ impl From<StoreError> for ApiError {
         let mut err = ApiError::store_unavailable();
         err.cause = Some(e.to_string());
         err
+    }
+}
+
+impl From<CreateError> for ApiError {
+    fn from(e: CreateError) -> Self {
+        match e {
+            CreateError::Store(e) => e.into(),
+            CreateError::TooManySessions { max } => ApiError::too_many_sessions(max),
+        }
     }
 }
 

@@ -255,6 +255,7 @@ fn minimal_config_gets_the_documented_defaults() {
 
     assert_eq!(c.auth.kind, AuthKind::Static);
     assert_eq!(c.auth.login_attempts_per_minute, 10);
+    assert_eq!(c.auth.max_sessions_per_user, 100);
     assert_eq!(c.auth.url, None);
 
     let [route] = c.routes.as_slice() else {

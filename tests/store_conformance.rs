@@ -435,7 +435,7 @@ mod redis_only {
     use std::time::Duration;
 
     use portcullis::session::{
-        Attach, EndReason, LeaseRequest, RedisStore, Revocation, SessionStore, StoreError,
+        Attach, EndReason, LeaseRequest, RedisStore, Revocation, SessionStore,
     };
     use portcullis::time::now_unix_ms;
     use redis::aio::MultiplexedConnection;
@@ -469,9 +469,9 @@ mod redis_only {
     }
 
     /// A call against a dead Redis must fail, and fail fast.
-    async fn fails_fast<T: std::fmt::Debug>(
+    async fn fails_fast<T: std::fmt::Debug, E: std::fmt::Debug>(
         what: &str,
-        call: impl std::future::Future<Output = Result<T, StoreError>>,
+        call: impl std::future::Future<Output = Result<T, E>>,
     ) {
         let started = Instant::now();
         let result = timeout(Duration::from_secs(3), call)
@@ -874,5 +874,285 @@ mod redis_only {
             async move { count.await == 0 }
         })
         .await;
+    }
+}
+
+/// `auth.max_sessions_per_user` as both stores apply it (limit 3, no slack,
+/// so an expired session stops counting at once in either store).
+mod user_limit_cases {
+    use std::time::Duration;
+
+    use portcullis::session::{CreateError, SessionStore, UserLimit};
+
+    use crate::support::wait::eventually;
+
+    pub const LIMIT: UserLimit = UserLimit {
+        max_sessions: 3,
+        slack: Duration::ZERO,
+    };
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    #[track_caller]
+    fn assert_too_many<T: std::fmt::Debug>(outcome: Result<T, CreateError>) {
+        match outcome {
+            Err(CreateError::TooManySessions { max: 3 }) => {}
+            other => panic!("expected TooManySessions {{ max: 3 }}, got {other:?}"),
+        }
+    }
+
+    pub async fn the_limit_refuses_one_more_session_of_that_user<S: SessionStore>(store: &S) {
+        for _ in 0..3 {
+            store
+                .create("alice", MINUTE)
+                .await
+                .expect("within the limit");
+        }
+        assert_too_many(store.create("alice", MINUTE).await);
+        assert_too_many(store.create("alice", MINUTE).await);
+        // Another user has slots of their own.
+        store.create("bob", MINUTE).await.expect("bob's first");
+    }
+
+    pub async fn ending_a_session_frees_its_slot<S: SessionStore>(store: &S) {
+        let first = store.create("alice", MINUTE).await.expect("create");
+        for _ in 0..2 {
+            store.create("alice", MINUTE).await.expect("create");
+        }
+        assert_too_many(store.create("alice", MINUTE).await);
+        assert!(store.delete(&first.id).await.expect("delete"));
+        let again = store.create("alice", MINUTE).await.expect("the freed slot");
+        assert_too_many(store.create("alice", MINUTE).await);
+        // Deleting twice frees nothing twice.
+        assert!(!store.delete(&first.id).await.expect("delete again"));
+        assert_too_many(store.create("alice", MINUTE).await);
+        assert!(store.get(&again.id).await.expect("get").is_some());
+    }
+
+    pub async fn an_expired_session_frees_its_slot<S: SessionStore>(store: &S) {
+        for _ in 0..3 {
+            store
+                .create("alice", Duration::from_secs(1))
+                .await
+                .expect("create");
+        }
+        assert_too_many(store.create("alice", MINUTE).await);
+        eventually("a slot freed by expiry", Duration::from_secs(5), || async {
+            store.create("alice", MINUTE).await
+        })
+        .await;
+    }
+}
+
+macro_rules! user_limit {
+    ($($case:ident),* $(,)?) => {
+        mod memory_store_limited {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let store = portcullis::session::MemoryStore::new()
+                        .with_user_limit(crate::user_limit_cases::LIMIT);
+                    crate::user_limit_cases::$case(&store).await;
+                }
+            )*
+        }
+
+        mod redis_store_limited {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let server = crate::support::redis::RedisServer::start().await;
+                    let store = crate::connect_redis(&server)
+                        .await
+                        .with_user_limit(crate::user_limit_cases::LIMIT);
+                    crate::user_limit_cases::$case(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+user_limit!(
+    the_limit_refuses_one_more_session_of_that_user,
+    ending_a_session_frees_its_slot,
+    an_expired_session_frees_its_slot,
+);
+
+/// The Redis store's user index across instances, and creates that time
+/// out while Redis is frozen.
+mod redis_user_index {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use portcullis::session::{CreateError, RedisStore, SessionStore, UserLimit};
+    use redis::aio::MultiplexedConnection;
+    use tokio::time::timeout;
+
+    use crate::support::redis::RedisServer;
+    use crate::support::wait::eventually;
+    use crate::{PREFIX, WAIT, connect_redis};
+
+    const MINUTE: Duration = Duration::from_secs(60);
+    const LIMIT: UserLimit = UserLimit {
+        max_sessions: 3,
+        slack: Duration::from_secs(900),
+    };
+
+    async fn keys(conn: &mut MultiplexedConnection, kind: &str) -> BTreeSet<String> {
+        let pattern = format!("{PREFIX}:{kind}:*");
+        let found: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(conn)
+            .await
+            .expect("KEYS");
+        found
+            .into_iter()
+            .map(|k| {
+                let tagged = k.strip_prefix(&format!("{PREFIX}:{kind}:")).unwrap();
+                tagged.trim_matches(|c| c == '{' || c == '}').to_string()
+            })
+            .collect()
+    }
+
+    async fn index(conn: &mut MultiplexedConnection, user: &str) -> BTreeSet<String> {
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{PREFIX}:user:{{{user}}}"))
+            .arg(0)
+            .arg(-1)
+            .query_async(conn)
+            .await
+            .expect("ZRANGE");
+        members.into_iter().collect()
+    }
+
+    #[tokio::test]
+    async fn the_limit_counts_sessions_of_every_instance() {
+        let server = RedisServer::start().await;
+        let a = connect_redis(&server).await.with_user_limit(LIMIT);
+        let b = connect_redis(&server).await.with_user_limit(LIMIT);
+        let mut raw = server.client().await;
+
+        let on_a = a.create("alice", MINUTE).await.expect("create on a");
+        b.create("alice", MINUTE).await.expect("create on b");
+        a.create("alice", MINUTE).await.expect("create on a");
+        for store in [&a, &b] {
+            assert!(matches!(
+                store.create("alice", MINUTE).await,
+                Err(CreateError::TooManySessions { max: 3 })
+            ));
+        }
+        // Ended on b, freed for a.
+        assert!(b.delete(&on_a.id).await.expect("delete on b"));
+        assert!(!index(&mut raw, "alice").await.contains(&on_a.id));
+        a.create("alice", MINUTE).await.expect("the freed slot");
+
+        // The index carries a TTL covering its members: the session's plus
+        // the token lifetime (the slack).
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(format!("{PREFIX}:user:{{alice}}"))
+            .query_async(&mut raw)
+            .await
+            .expect("PTTL");
+        assert!((60_000..=960_000).contains(&pttl), "index PTTL {pttl}");
+    }
+
+    #[tokio::test]
+    async fn a_refresh_keeps_a_session_counted_as_long_as_it_lives() {
+        let server = RedisServer::start().await;
+        let store = connect_redis(&server).await.with_user_limit(LIMIT);
+        let mut raw = server.client().await;
+        let s = store.create("alice", MINUTE).await.expect("create");
+        let touched = store
+            .touch(&s.id, Duration::from_secs(3600))
+            .await
+            .expect("touch")
+            .expect("alive");
+        let score: f64 = redis::cmd("ZSCORE")
+            .arg(format!("{PREFIX}:user:{{alice}}"))
+            .arg(&s.id)
+            .query_async(&mut raw)
+            .await
+            .expect("ZSCORE");
+        let counted_until_s = (score / 1000.0) as i64;
+        assert!(
+            counted_until_s >= touched.expires_at + 899,
+            "counted until {counted_until_s}, session expires {}",
+            touched.expires_at
+        );
+    }
+
+    /// Three creates for `user`, each of which must fail (bounded) while
+    /// Redis is frozen; answers how many were tried.
+    async fn fail_while_frozen(store: &RedisStore, user: &str) -> usize {
+        for _ in 0..3 {
+            let r = timeout(Duration::from_secs(3), store.create(user, MINUTE)).await;
+            assert!(matches!(r, Ok(Err(CreateError::Store(_)))), "{r:?}");
+        }
+        3
+    }
+
+    /// Creates sent while Redis is frozen fail on our side but reach Redis
+    /// (the command is already in its socket buffer): once it is back, none
+    /// of them may have left a session, or a reservation in the user index.
+    #[tokio::test]
+    async fn creates_that_failed_while_redis_was_frozen_leave_nothing_behind() {
+        let server = RedisServer::start().await;
+        let unlimited = connect_redis(&server).await;
+        let limited = connect_redis(&server).await.with_user_limit(LIMIT);
+        let mut raw = server.client().await;
+        let kept = unlimited.create("bob", MINUTE).await.expect("create");
+        let kept_limited = limited.create("alice", MINUTE).await.expect("create");
+
+        server.pause();
+        let (u, l) = tokio::join!(
+            fail_while_frozen(&unlimited, "bob"),
+            fail_while_frozen(&limited, "alice")
+        );
+        server.resume();
+
+        // Each failed create is marked abandoned by the repair queue; once
+        // every marker is written no late create can make a session.
+        let failed = u + l;
+        eventually("every failed create marked abandoned", WAIT * 3, || {
+            let mut raw = raw.clone();
+            async move {
+                let marked = keys(&mut raw, "abandoned").await.len();
+                if marked == failed {
+                    Ok(())
+                } else {
+                    Err(marked)
+                }
+            }
+        })
+        .await;
+        let sessions = keys(&mut raw, "session").await;
+        let expected: BTreeSet<String> = [kept.id.clone(), kept_limited.id.clone()].into();
+        assert_eq!(sessions, expected);
+        assert_eq!(
+            index(&mut raw, "alice").await,
+            [kept_limited.id.clone()].into()
+        );
+        // No phantom reservation holds alice's slots: two more fit.
+        limited.create("alice", MINUTE).await.expect("slot 2");
+        limited.create("alice", MINUTE).await.expect("slot 3");
+        assert!(matches!(
+            limited.create("alice", MINUTE).await,
+            Err(CreateError::TooManySessions { .. })
+        ));
+        assert!(unlimited.get(&kept.id).await.expect("get").is_some());
+        // The markers and the abandoned set expire like every other key.
+        for k in [
+            format!("{PREFIX}:user-abandoned:{{alice}}"),
+            format!(
+                "{PREFIX}:abandoned:{{{}}}",
+                keys(&mut raw, "abandoned").await.first().unwrap()
+            ),
+        ] {
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(&k)
+                .query_async(&mut raw)
+                .await
+                .expect("PTTL");
+            assert!(pttl > 0, "{k} PTTL {pttl}");
+        }
     }
 }

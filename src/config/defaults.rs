@@ -64,6 +64,9 @@ pub fn default_auth_kind() -> AuthKind {
 pub fn default_login_attempts() -> u32 {
     10
 }
+pub fn default_max_sessions_per_user() -> u32 {
+    100
+}
 pub fn default_upstream_auth_timeout_ms() -> u64 {
     5_000
 }

@@ -164,6 +164,11 @@ pub struct AuthConfig {
     /// Failed attempts per client IP and per username per minute; 0 = unlimited.
     #[serde(default = "default_login_attempts")]
     pub login_attempts_per_minute: u32,
+    /// Extension: live sessions one user may hold across every instance
+    /// (login and `POST /api/session/create` beyond it get `429
+    /// too_many_sessions`); 0 = unlimited.
+    #[serde(default = "default_max_sessions_per_user")]
+    pub max_sessions_per_user: u32,
     #[serde(default)]
     pub users: Vec<UserConfig>,
     pub url: Option<String>,
@@ -177,6 +182,7 @@ impl Default for AuthConfig {
         AuthConfig {
             kind: default_auth_kind(),
             login_attempts_per_minute: default_login_attempts(),
+            max_sessions_per_user: default_max_sessions_per_user(),
             users: Vec::new(),
             url: None,
             upstream_timeout_ms: default_upstream_auth_timeout_ms(),

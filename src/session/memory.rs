@@ -3,7 +3,8 @@
 //! Expiry is enforced on every read and expired entries are purged in the
 //! background; the purge task holds only a `Weak` and ends with the store.
 //! Socket leases need no heartbeat here: the only instance is this process,
-//! and its sockets release their leases as they close.
+//! and its sockets release their leases as they close. The per-user limit
+//! is exact: the count and the insert happen under one lock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -12,8 +13,8 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 use super::{
-    Attach, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord, SessionStore,
-    StoreError, TOMBSTONE, announce_revoked,
+    Attach, CreateError, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord,
+    SessionStore, StoreError, TOMBSTONE, UserLimit, announce_revoked,
 };
 use crate::ids::random_id;
 use crate::time::now_unix_ms;
@@ -47,6 +48,32 @@ struct Maps {
     sessions: HashMap<String, Entry>,
     /// Session id → when the tombstone may be forgotten (Unix ms).
     tombstones: HashMap<String, i64>,
+    /// User → the ids of their sessions (expired ones pruned when counted
+    /// and by the purge).
+    by_user: HashMap<String, HashSet<String>>,
+}
+
+impl Maps {
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        let entry = self.sessions.remove(id)?;
+        if let Some(ids) = self.by_user.get_mut(&entry.user) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_user.remove(&entry.user);
+            }
+        }
+        Some(entry)
+    }
+
+    /// The user's live sessions, after dropping the ids of ended ones.
+    fn live_of(&mut self, user: &str, now: i64) -> usize {
+        let Some(ids) = self.by_user.get_mut(user) else {
+            return 0;
+        };
+        let sessions = &self.sessions;
+        ids.retain(|id| sessions.get(id).is_some_and(|e| e.expires_at_ms > now));
+        ids.len()
+    }
 }
 
 struct Inner {
@@ -58,6 +85,7 @@ struct Inner {
 
 pub struct MemoryStore {
     inner: Arc<Inner>,
+    limit: UserLimit,
 }
 
 impl Default for MemoryStore {
@@ -76,7 +104,15 @@ impl MemoryStore {
             subscribed: watch::channel(true).0,
         });
         tokio::spawn(purge(Arc::downgrade(&inner)));
-        MemoryStore { inner }
+        MemoryStore {
+            inner,
+            limit: UserLimit::NONE,
+        }
+    }
+
+    /// Applies `auth.max_sessions_per_user` to every later `create`.
+    pub fn with_user_limit(self, limit: UserLimit) -> Self {
+        MemoryStore { limit, ..self }
     }
 
     /// Runs `f` on a live (unexpired) entry under the lock; the lock is never
@@ -87,7 +123,7 @@ impl MemoryStore {
         match maps.sessions.get_mut(id) {
             Some(e) if e.expires_at_ms > now => Some(f(e, now)),
             Some(_) => {
-                maps.sessions.remove(id);
+                maps.remove(id);
                 None
             }
             None => None,
@@ -104,6 +140,13 @@ async fn purge(inner: Weak<Inner>) {
         let mut maps = inner.maps.lock().unwrap_or_else(|p| p.into_inner());
         maps.sessions.retain(|_, e| e.expires_at_ms > now);
         maps.tombstones.retain(|_, &mut until| until > now);
+        let Maps {
+            sessions, by_user, ..
+        } = &mut *maps;
+        by_user.retain(|_, ids| {
+            ids.retain(|id| sessions.contains_key(id));
+            !ids.is_empty()
+        });
     }
 }
 
@@ -112,7 +155,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl SessionStore for MemoryStore {
-    async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, StoreError> {
+    async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, CreateError> {
         let now = now_unix_ms();
         let id = random_id();
         let entry = Entry {
@@ -124,6 +167,14 @@ impl SessionStore for MemoryStore {
         };
         let record = entry.record(&id);
         let mut maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let max = self.limit.max_sessions;
+        if self.limit.enabled() && maps.live_of(user, now) >= max as usize {
+            return Err(CreateError::TooManySessions { max });
+        }
+        maps.by_user
+            .entry(user.to_string())
+            .or_default()
+            .insert(id.clone());
         maps.sessions.insert(id, entry);
         Ok(record)
     }
@@ -148,7 +199,6 @@ impl SessionStore for MemoryStore {
         let existed = {
             let mut maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
             let existed = maps
-                .sessions
                 .remove(session_id)
                 .is_some_and(|e| e.expires_at_ms > now);
             if existed {

@@ -156,6 +156,43 @@ impl Liveness {
 #[error("session store unavailable: {0}")]
 pub struct StoreError(pub String);
 
+/// Why a session was not created.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CreateError {
+    /// Retryable: `503 session_store_unavailable`. Nothing is left behind:
+    /// a Redis create whose outcome is unknown is undone (see `redis`).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The user already holds [`UserLimit::max_sessions`] live sessions.
+    #[error("the user already has {max} live sessions")]
+    TooManySessions { max: u32 },
+}
+
+/// `auth.max_sessions_per_user`, counted across every instance sharing the
+/// store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserLimit {
+    /// Live sessions one user may hold; 0 = unlimited (nothing is indexed).
+    pub max_sessions: u32,
+    /// How far past its last create or refresh a session can still be slid
+    /// by upgrades: the token lifetime (an upgrade needs a valid token, and
+    /// every token is issued by a create or a refresh). The Redis index
+    /// keeps a session counted this much past its expiry at that write.
+    pub slack: Duration,
+}
+
+impl UserLimit {
+    /// No limit.
+    pub const NONE: UserLimit = UserLimit {
+        max_sessions: 0,
+        slack: Duration::ZERO,
+    };
+
+    pub fn enabled(&self) -> bool {
+        self.max_sessions > 0
+    }
+}
+
 /// Parameters for a lease request.
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseRequest<'a> {
@@ -170,12 +207,14 @@ pub struct LeaseRequest<'a> {
 /// (`tests/store_conformance.rs`).
 pub trait SessionStore: Send + Sync + 'static {
     /// Creates a session with a fresh server-minted id. Atomic: the session
-    /// exists with its TTL, or not at all.
+    /// exists with its TTL, or not at all, and an error leaves none behind
+    /// once the store is back. Refused with `TooManySessions` when the
+    /// store's [`UserLimit`] is reached.
     fn create(
         &self,
         user: &str,
         ttl: Duration,
-    ) -> impl Future<Output = Result<SessionRecord, StoreError>> + Send;
+    ) -> impl Future<Output = Result<SessionRecord, CreateError>> + Send;
 
     fn get(
         &self,
@@ -189,8 +228,8 @@ pub trait SessionStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Option<SessionRecord>, StoreError>> + Send;
 
-    /// Ends a session and announces the revocation to every instance.
-    /// `false` when it did not exist.
+    /// Ends a session, frees its slot in its user's count, and announces the
+    /// revocation to every instance. `false` when it did not exist.
     fn delete(&self, session_id: &str) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Takes a socket lease: checks existence, prunes dead leases, enforces
@@ -273,7 +312,7 @@ macro_rules! dispatch {
 }
 
 impl SessionStore for Store {
-    async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, StoreError> {
+    async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, CreateError> {
         dispatch!(self, s => s.create(user, ttl).await)
     }
     async fn get(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -315,6 +354,16 @@ impl SessionStore for Store {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping().await)
+    }
+}
+
+impl Store {
+    /// Applies `auth.max_sessions_per_user` to every later `create`.
+    pub fn with_user_limit(self, limit: UserLimit) -> Self {
+        match self {
+            Store::Memory(s) => Store::Memory(s.with_user_limit(limit)),
+            Store::Redis(s) => Store::Redis(s.with_user_limit(limit)),
+        }
     }
 }
 

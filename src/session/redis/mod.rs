@@ -25,7 +25,29 @@
 //!   few seconds, whatever the number of its sockets.
 //! - `<prefix>:revoked:{sid}`: tombstone kept [`TOMBSTONE`] after a delete,
 //!   so the sweep can tell "revoked" from "expired".
+//! - `<prefix>:abandoned:{sid}`: written by the repair queue for a create
+//!   that answered `503`; `CREATE` refuses to run past it (see `repair`).
+//! - `<prefix>:user:{<user>}` (only with `auth.max_sessions_per_user` set):
+//!   sorted set, member = session id, score = until when it counts (Unix
+//!   ms: the session's expiry at its create or last refresh plus the token
+//!   lifetime, the furthest upgrades can slide it meanwhile); expired
+//!   members are dropped when it is written; its TTL is its latest score.
+//! - `<prefix>:user-abandoned:{<user>}`: sorted set of the user's abandoned
+//!   ids (score = when, informational), so a reservation that Redis runs
+//!   late is refused too; it expires a marker's lifetime after its last write.
 //! - channel `<prefix>:revocations`: the id of every deleted session.
+//!
+//! # The per-user limit
+//!
+//! The user's index lives in the user's slot, not the session's, so a
+//! create cannot be one script: it first reserves the id in the index
+//! (`RESERVE`: prune, count, add, one step, so two instances racing for the
+//! last slot cannot both win), then creates the session; if the create
+//! fails the reservation is released by the repair queue. The window: a
+//! gateway that dies between the two steps (or whose repair is given up)
+//! leaves a reservation that holds a slot until its score passes, one
+//! session TTL plus the token lifetime. A delete removes the id from the
+//! index after ending the session; if that fails the removal is queued.
 //!
 //! # Failure
 //!
@@ -35,12 +57,14 @@
 
 mod conns;
 mod pubsub;
+mod repair;
 mod scripts;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 use redis::aio::ConnectionManager;
 use redis::{Client, FromRedisValue, RedisError, RedisResult, Script, ScriptInvocation, Value};
@@ -48,13 +72,17 @@ use tokio::sync::{broadcast, oneshot, watch};
 use tokio::time::timeout;
 
 use super::{
-    Attach, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord, SessionStore,
-    StoreError, TOMBSTONE, announce_revoked,
+    Attach, CreateError, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord,
+    SessionStore, StoreError, TOMBSTONE, UserLimit, announce_revoked,
 };
 use crate::ids::random_id;
 use conns::Commands;
 use pubsub::listen;
-use scripts::{ATTACH, CREATE, DELETE, GET, HEARTBEAT, MARK_IDLE, RawRecord, TOUCH, to_record};
+use repair::Repair;
+use scripts::{
+    ATTACH, CREATE, DELETE, GET, HEARTBEAT, MARK_IDLE, RECOUNT, RESERVE, RawRecord, TOUCH,
+    to_record,
+};
 
 /// Bounds a whole store call, reconnect and one retry included.
 pub const OP_DEADLINE: Duration = Duration::from_secs(2);
@@ -77,6 +105,17 @@ impl Keys {
     }
     fn revoked(&self, sid: &str) -> String {
         format!("{}:revoked:{{{sid}}}", self.prefix)
+    }
+    fn abandoned(&self, sid: &str) -> String {
+        format!("{}:abandoned:{{{sid}}}", self.prefix)
+    }
+    /// The braces make the user name the hash tag: the index and the
+    /// user's abandoned ids share a slot (another than any session's).
+    fn user(&self, user: &str) -> String {
+        format!("{}:user:{{{user}}}", self.prefix)
+    }
+    fn user_abandoned(&self, user: &str) -> String {
+        format!("{}:user-abandoned:{{{user}}}", self.prefix)
     }
     fn channel(&self) -> String {
         format!("{}:revocations", self.prefix)
@@ -113,6 +152,7 @@ fn describe(op: &str, e: &RedisError) -> StoreError {
 pub struct RedisStore {
     /// Behind a pointer so the `Store` enum stays small.
     inner: Arc<Inner>,
+    limit: UserLimit,
 }
 
 struct Inner {
@@ -128,6 +168,8 @@ struct Inner {
     window_ms: AtomicU64,
     revocations: broadcast::Sender<Revocation>,
     subscribed: watch::Receiver<bool>,
+    /// Creates to undo and index entries to remove (see `repair`).
+    repairs: mpsc::Sender<Repair>,
     /// Dropped with the store, which ends the subscription task.
     _stop_listener: oneshot::Sender<()>,
 }
@@ -157,6 +199,7 @@ impl RedisStore {
             stop_rx,
         ));
         let instance = random_id();
+        let (repairs, repair_queue) = mpsc::channel(repair::QUEUE);
         let store = RedisStore {
             inner: Arc::new(Inner {
                 commands: Commands::new(client),
@@ -166,9 +209,12 @@ impl RedisStore {
                 window_ms: AtomicU64::new(ms(DEFAULT_WINDOW)),
                 revocations,
                 subscribed,
+                repairs,
                 _stop_listener: stop_tx,
             }),
+            limit: UserLimit::NONE,
         };
+        tokio::spawn(repair::run(Arc::downgrade(&store.inner), repair_queue));
         let warm_up = async {
             if store.inner.commands.manager().await.is_ok() {
                 let _ = store.subscription().wait_for(|s| *s).await;
@@ -178,56 +224,29 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// Applies `auth.max_sessions_per_user` to every later `create`.
+    pub fn with_user_limit(self, limit: UserLimit) -> Self {
+        RedisStore { limit, ..self }
+    }
+
     /// This instance's id in the store (the prefix of its socket entries).
     pub fn instance_id(&self) -> &str {
         &self.inner.instance
     }
 
-    /// Runs `f` on the shared connection within `OP_DEADLINE`, retrying once
-    /// if the connection turned out to be dead: every script is written to
-    /// be safe to run twice, because after a dropped connection we cannot
-    /// know whether Redis ran it.
     async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let used = AtomicU64::new(0);
-        let attempts = async {
-            let mut retried = false;
-            loop {
-                let (generation, conn) = self.inner.commands.manager().await?;
-                used.store(generation, Ordering::Relaxed);
-                match f(conn).await {
-                    Err(e) if !retried && e.is_unrecoverable_error() => retried = true,
-                    Err(e) => {
-                        if e.is_timeout() {
-                            self.inner.commands.forget(generation);
-                        }
-                        return Err(e);
-                    }
-                    ok => return ok,
-                }
-            }
-        };
-        match timeout(OP_DEADLINE, attempts).await {
-            Ok(result) => result.map_err(|e| describe(op, &e)),
-            Err(_) => {
-                self.inner.commands.forget(used.load(Ordering::Relaxed));
-                Err(StoreError(format!("redis {op}: timed out")))
-            }
-        }
+        self.inner.run(op, f).await
     }
 
     async fn eval<T>(&self, op: &'static str, inv: &ScriptInvocation<'_>) -> Result<T, StoreError>
     where
         T: FromRedisValue + Send,
     {
-        self.run(
-            op,
-            |mut conn| async move { inv.invoke_async(&mut conn).await },
-        )
-        .await
+        self.inner.eval(op, inv).await
     }
 
     /// A session script's invocation: its two keys and the live-instance
@@ -255,15 +274,178 @@ impl RedisStore {
     fn entry(&self, conn_id: &str) -> String {
         format!("{}:{conn_id}", self.inner.instance)
     }
+
+    /// How long an indexed session counts past its expiry at the write.
+    fn counted_ms(&self, ttl: Duration) -> u64 {
+        ms(ttl).saturating_add(ms(self.limit.slack))
+    }
+
+    /// Takes a slot in `user`'s index for `sid` (see "The per-user limit").
+    async fn reserve(&self, user: &str, sid: &str, ttl: Duration) -> Result<(), CreateError> {
+        let keys = &self.inner.keys;
+        let mut inv = RESERVE.prepare_invoke();
+        inv.key(keys.user(user))
+            .key(keys.user_abandoned(user))
+            .arg(sid)
+            .arg(self.counted_ms(ttl))
+            .arg(self.limit.max_sessions);
+        match self.eval::<i64>("reserve", &inv).await? {
+            1 => Ok(()),
+            0 => Err(CreateError::TooManySessions {
+                max: self.limit.max_sessions,
+            }),
+            _ => Err(StoreError("redis reserve: id abandoned".to_string()).into()),
+        }
+    }
+
+    /// Reserve (when limited), then create; `Err(Store)` means unknown.
+    async fn try_create(
+        &self,
+        id: &str,
+        user: &str,
+        ttl: Duration,
+    ) -> Result<SessionRecord, CreateError> {
+        if self.limit.enabled() {
+            self.reserve(user, id, ttl).await?;
+        }
+        let mut inv = self.invocation(&CREATE, id);
+        inv.key(self.inner.keys.abandoned(id))
+            .arg(user)
+            .arg(ms(ttl));
+        let raw: Option<RawRecord> = self.eval("create", &inv).await?;
+        let raw = raw.ok_or_else(|| StoreError("redis create: id abandoned".to_string()))?;
+        Ok(to_record(id, raw))
+    }
+
+    fn indexed_user(&self, user: &str) -> Option<String> {
+        self.limit.enabled().then(|| user.to_string())
+    }
+
+    /// Frees an ended session's slot. The session is already gone, so a
+    /// failure does not fail the delete: the removal is queued instead.
+    async fn unindex(&self, session_id: &str, user: String) {
+        let zrem = redis::cmd("ZREM")
+            .arg(self.inner.keys.user(&user))
+            .arg(session_id)
+            .clone();
+        let zrem = &zrem;
+        let removed = self
+            .run("unindex", |mut conn| async move {
+                zrem.query_async::<i64>(&mut conn).await
+            })
+            .await;
+        if let Err(e) = removed {
+            tracing::warn!(%e, session = %session_id, "index removal queued");
+            let repair = Repair::new(session_id.to_string(), Some(user), false);
+            repair::submit(&self.inner.repairs, repair);
+        }
+    }
+}
+
+impl Inner {
+    /// Runs `f` on the shared connection within `OP_DEADLINE`, retrying once
+    /// if the connection turned out to be dead: every script is written to
+    /// be safe to run twice, because after a dropped connection we cannot
+    /// know whether Redis ran it.
+    async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let used = AtomicU64::new(0);
+        let attempts = async {
+            let mut retried = false;
+            loop {
+                let (generation, conn) = self.commands.manager().await?;
+                used.store(generation, Ordering::Relaxed);
+                match f(conn).await {
+                    Err(e) if !retried && e.is_unrecoverable_error() => retried = true,
+                    Err(e) => {
+                        if e.is_timeout() {
+                            self.commands.forget(generation);
+                        }
+                        return Err(e);
+                    }
+                    ok => return ok,
+                }
+            }
+        };
+        match timeout(OP_DEADLINE, attempts).await {
+            Ok(result) => result.map_err(|e| describe(op, &e)),
+            Err(_) => {
+                self.commands.forget(used.load(Ordering::Relaxed));
+                Err(StoreError(format!("redis {op}: timed out")))
+            }
+        }
+    }
+
+    async fn eval<T>(&self, op: &'static str, inv: &ScriptInvocation<'_>) -> Result<T, StoreError>
+    where
+        T: FromRedisValue + Send,
+    {
+        self.run(
+            op,
+            |mut conn| async move { inv.invoke_async(&mut conn).await },
+        )
+        .await
+    }
+
+    /// One pipeline of plain commands for the whole batch: for an abandoned
+    /// create the marker first, then the deletes, so a create (or a
+    /// reservation) Redis runs at any point in between is refused, and
+    /// nothing needs to be atomic (the keys live in different slots).
+    async fn apply_repairs(&self, repairs: &[Repair]) -> Result<(), StoreError> {
+        let keys = &self.keys;
+        let marker = ms(repair::MARKER);
+        let mut pipe = redis::pipe();
+        for r in repairs {
+            let sid = &r.session_id;
+            if r.abandon {
+                pipe.cmd("SET")
+                    .arg(keys.abandoned(sid))
+                    .arg(1)
+                    .arg("PX")
+                    .arg(marker)
+                    .ignore();
+                pipe.cmd("DEL")
+                    .arg(keys.session(sid))
+                    .arg(keys.conns(sid))
+                    .ignore();
+            }
+            if let Some(user) = &r.user {
+                if r.abandon {
+                    let abandoned = keys.user_abandoned(user);
+                    pipe.cmd("ZADD")
+                        .arg(&abandoned)
+                        .arg(crate::time::now_unix_ms())
+                        .arg(sid)
+                        .ignore();
+                    pipe.cmd("PEXPIRE").arg(&abandoned).arg(marker).ignore();
+                }
+                pipe.cmd("ZREM").arg(keys.user(user)).arg(sid).ignore();
+            }
+        }
+        let pipe = &pipe;
+        self.run("repair", |mut conn| async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
+    }
 }
 
 impl SessionStore for RedisStore {
-    async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, StoreError> {
+    /// A create whose outcome is unknown (any store error: the command may
+    /// have been sent and may yet run) is queued for repair before the
+    /// caller answers `503`, so it leaves nothing once Redis is back.
+    async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, CreateError> {
         let id = random_id();
-        let mut inv = self.invocation(&CREATE, &id);
-        inv.arg(user).arg(ms(ttl));
-        let raw: RawRecord = self.eval("create", &inv).await?;
-        Ok(to_record(&id, raw))
+        let outcome = self.try_create(&id, user, ttl).await;
+        if let Err(CreateError::Store(e)) = &outcome {
+            tracing::warn!(%e, session = %id, "create failed; undoing whatever it made");
+            let repair = Repair::new(id, self.indexed_user(user), true);
+            repair::submit(&self.inner.repairs, repair);
+        }
+        outcome
     }
 
     async fn get(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -280,7 +462,17 @@ impl SessionStore for RedisStore {
         let mut inv = self.invocation(&TOUCH, session_id);
         inv.arg(ms(ttl));
         let raw: Option<RawRecord> = self.eval("touch", &inv).await?;
-        Ok(raw.map(|r| to_record(session_id, r)))
+        let Some(raw) = raw else { return Ok(None) };
+        if self.limit.enabled() {
+            // Keeps the session counted as long as it may now live; a
+            // failure fails the refresh, so no token outlives the index.
+            let mut inv = RECOUNT.prepare_invoke();
+            inv.key(self.inner.keys.user(&raw.0))
+                .arg(session_id)
+                .arg(raw.2.saturating_add(ms(self.limit.slack) as i64));
+            self.eval::<i64>("recount", &inv).await?;
+        }
+        Ok(Some(to_record(session_id, raw)))
     }
 
     async fn delete(&self, session_id: &str) -> Result<bool, StoreError> {
@@ -290,7 +482,11 @@ impl SessionStore for RedisStore {
             .arg(session_id)
             .arg(random_id())
             .arg(ms(TOMBSTONE));
-        let existed: bool = self.eval("delete", &inv).await?;
+        let user: Option<String> = self.eval("delete", &inv).await?;
+        let existed = user.is_some();
+        if let Some(user) = user.filter(|_| self.limit.enabled()) {
+            self.unindex(session_id, user).await;
+        }
         // While unsubscribed our own PUBLISH would not come back to us, but
         // this instance's sockets for the session must still close now.
         if existed && !*self.inner.subscribed.borrow() {

@@ -61,11 +61,19 @@ local function record(now)
 end
 "#;
 
-/// arg: user, ttl ms. Re-running it for the same id (a retry after a lost
-/// reply) returns the session the first run made instead of a second one.
+/// KEYS[3]: the abandoned marker. arg: user, ttl ms. Re-running it for
+/// the same id (a retry after a lost reply) returns the session the first
+/// run made instead of a second one.
+///
+/// Answers `false` once the id is marked abandoned: the gateway gave up on
+/// this create (it answered `503`) and the repair queue wrote the marker
+/// before deleting whatever the create made. A run that Redis only gets to
+/// afterwards (it was queued on a connection while Redis was frozen, or its
+/// packets were delayed) must not make a session nobody has a token for.
 pub(super) static CREATE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
 local now = now_ms()
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return record(now)
@@ -105,20 +113,26 @@ return rec
     )
 });
 
-/// KEYS[3]: tombstone. arg: channel, session id, nonce, tombstone ms. The
-/// tombstone holds this call's nonce, so a retry after a lost reply still
-/// learns that *it* ended the session.
+/// KEYS[3]: tombstone. arg: channel, session id, nonce, tombstone ms.
+/// Answers the session's user (for its user index) or `false` when it did
+/// not exist. The tombstone holds `<nonce>:<user>`, so a retry after a lost
+/// reply still learns that *it* ended the session, and whose it was.
 pub(super) static DELETE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local user = redis.call('HGET', KEYS[1], 'user')
+if user then
   redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('SET', KEYS[3], arg(3), 'PX', arg(4))
+  redis.call('SET', KEYS[3], arg(3) .. ':' .. user, 'PX', arg(4))
   redis.call('PUBLISH', arg(1), arg(2))
-  return 1
+  return user
 end
-if redis.call('GET', KEYS[3]) == arg(3) then return 1 end
-return 0
+local mine = arg(3) .. ':'
+local kept = redis.call('GET', KEYS[3])
+if kept and string.sub(kept, 1, #mine) == mine then
+  return string.sub(kept, #mine + 1)
+end
+return false
 "#,
     )
 });
@@ -184,6 +198,64 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#,
     )
 });
+
+/// Shared by the user-index scripts, which run in the user's slot (not a
+/// session's): no session keys, no live-instance arguments.
+const USER_PRELUDE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function int(x)
+  return string.format('%d', x)
+end
+local function keep_until(key, ms)
+  if now + redis.call('PTTL', key) < ms then redis.call('PEXPIREAT', key, int(ms)) end
+end
+"#;
+
+/// Reserves a slot in a user's index for a session about to be created.
+/// KEYS[1]: the index (member = session id, score = until when it counts,
+/// Unix ms), KEYS[2]: the user's abandoned ids (a set that expires a
+/// marker's lifetime after its last write, so no clock is compared).
+/// ARGV: session id, how long it counts (ms), the limit. Answers 1
+/// (reserved; also for an id reserved before: a retry), 0 (the user is at
+/// the limit) or -1 (the id was abandoned: this run came too late).
+/// Expired members are dropped first, so the count is of live sessions.
+pub(super) static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+    user_script(
+        r#"
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return -1 end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now))
+if not redis.call('ZSCORE', KEYS[1], ARGV[1])
+  and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+local until_ms = now + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], int(until_ms), ARGV[1])
+keep_until(KEYS[1], until_ms)
+return 1
+"#,
+    )
+});
+
+/// A refresh slid a session: it counts until `ARGV[2]` (Unix ms) now.
+/// KEYS[1]: the user index; ARGV: session id, until. Only an id already in
+/// the index is moved (never re-added: a delete may have just removed it).
+pub(super) static RECOUNT: LazyLock<Script> = LazyLock::new(|| {
+    user_script(
+        r#"
+local was = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local until_ms = tonumber(ARGV[2])
+if not was or tonumber(was) >= until_ms then return 0 end
+redis.call('ZADD', KEYS[1], int(until_ms), ARGV[1])
+keep_until(KEYS[1], until_ms)
+return 1
+"#,
+    )
+});
+
+fn user_script(body: &str) -> Script {
+    Script::new(&format!("{USER_PRELUDE}{body}"))
+}
 
 fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}{body}"))
