@@ -21,6 +21,14 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     // A refcounted copy; the redacted string is built only if debug logging
     // is on (tracing evaluates field values lazily), not on every upgrade.
     let uri = req.uri().clone();
+    // Arrival, before any check: at trace only, for telling a request that
+    // hangs in a handler from one that never arrived.
+    tracing::trace!(
+        %method,
+        target = %redact_target(uri.path(), uri.query()),
+        %peer,
+        "request received"
+    );
     let (endpoint, result) = dispatch(&app, req, peer).await;
     let resp = match result {
         Ok(resp) => resp,
