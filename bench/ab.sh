@@ -5,6 +5,11 @@
 # `timeout`. Needs redis-server, not nginx/haproxy.
 #
 #   bench/ab.sh OLD_BIN NEW_BIN [ROUNDS] [WORKLOAD]   # default 3 rounds of stream
+#   HOLD=5000 bench/ab.sh OLD NEW 1 hold               # RSS per idle connection
+#
+# `hold` measures fresh processes best: run it with 1 round, several times.
+# Keys a binary does not know yet (an older build) are dropped from its
+# config, so older builds can be measured against the current template.
 #
 # Prints each run's JSON line (messages/s, the gateway's CPU µs per message:
 # `--cpu-pid` is the gateway alone); `portcullis-bench` is
@@ -48,9 +53,13 @@ declare -A PID
 for side in A B; do
     port_var="PORT_$side"
     sed -e "s|@PORT@|${!port_var}|; s|@REDIS_PORT@|$REDIS|; s|@ECHO_PORT@|$ECHO|g" \
-        -e "s|@MAXCONN@|1000|g; s|@PASSWORD_HASH@|$HASH|" \
+        -e "s|@MAXCONN@|${MAXCONN:-12000}|g; s|@PASSWORD_HASH@|$HASH|" \
         "$ROOT/bench/portcullis.toml" >"$TMP/$side.toml"
     bin=${!side}
+    if ! "$bin" check --config "$TMP/$side.toml" >/dev/null 2>&1; then
+        sed -i '/^max_sessions_per_user/d' "$TMP/$side.toml"
+        "$bin" check --config "$TMP/$side.toml" >/dev/null
+    fi
     cp "$bin" "$TMP/portcullis-$side"  # a rebuild cannot swap it mid-run
     PORTCULLIS_LOG=warn "$TMP/portcullis-$side" --config "$TMP/$side.toml" \
         >"$TMP/$side.out" 2>&1 &
@@ -64,9 +73,14 @@ for round in $(seq "$ROUNDS"); do
     [ $((round % 2)) = 0 ] && order=(B A)
     for side in "${order[@]}"; do
         port_var="PORT_$side"
-        timeout 60 "$BENCH" "$WORKLOAD" --url "ws://127.0.0.1:${!port_var}/ws/echo" \
+        if [ "$WORKLOAD" = hold ]; then
+            measure=(--pid "${PID[$side]}" --count "${HOLD:-5000}")
+        else
+            measure=(--cpu-pid "${PID[$side]}")
+        fi
+        timeout 120 "$BENCH" "$WORKLOAD" --url "ws://127.0.0.1:${!port_var}/ws/echo" \
             --label "$side" --run "$round" \
             --token-url "http://127.0.0.1:${!port_var}" --user bench --password "$PASSWORD" \
-            --cpu-pid "${PID[$side]}"
+            "${measure[@]}"
     done
 done
