@@ -138,23 +138,31 @@ return false
 });
 
 /// arg: entry (`<instance>:<conn>`), max per session, ttl ms. Returns 0
-/// (not found), 1 (full) or the record. Entries of dead instances are
-/// removed here (the next writer cleans them). A connection that already
-/// holds an entry (a retry) is not counted against the limit twice.
+/// (not found), 1 (full) or the record. A connection that already holds an
+/// entry (a retry) is not counted against the limit twice.
 ///
-/// Every upgrade runs it, so it makes few calls (the record is assembled
-/// from what it already read): Redis's CPU per upgrade is part of the
-/// gateway's cost (BENCHMARKS.md).
+/// Every upgrade runs it, so its common path makes 7 calls and walks no
+/// entries: below the limit it does not matter which entries are dead, so
+/// only a session at its limit has its entries weighed (and the dead ones
+/// removed: the next writer cleans them). The record's `connections` may
+/// therefore count not yet cleaned entries of dead instances (the gate
+/// reads only the expiry from it); `GET`'s never does. Redis's CPU per
+/// upgrade is part of the gateway's cost (BENCHMARKS.md).
 pub(super) static ATTACH: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local f = redis.call('HMGET', KEYS[1], 'user', 'created_at')
 if not f[1] then return 0 end
 local now = now_ms()
-local live, dead = entries(now)
-if #dead > 0 then redis.call('ZREM', KEYS[2], unpack(dead)) end
-if live >= tonumber(arg(2)) and not redis.call('ZSCORE', KEYS[2], arg(1)) then
-  return 1
+local max = tonumber(arg(2))
+local live = redis.call('ZCARD', KEYS[2])
+if live >= max then
+  local dead
+  live, dead = entries(now)
+  if #dead > 0 then redis.call('ZREM', KEYS[2], unpack(dead)) end
+  if live >= max and not redis.call('ZSCORE', KEYS[2], arg(1)) then
+    return 1
+  end
 end
 local exp = now + tonumber(arg(3))
 live = live + redis.call('ZADD', KEYS[2], int(now), arg(1))
