@@ -84,6 +84,12 @@ fn ms(d: Duration) -> i64 {
     d.as_millis() as i64
 }
 
+/// Now in the store's clock (Unix ms): session expiries come from it, so a
+/// host clock running behind the store's cannot make an expiry close late.
+fn store_now(m: &Maintenance) -> i64 {
+    now_unix_ms() + m.store.clock_offset_ms()
+}
+
 async fn revocations(m: Maintenance, recheck: Arc<Notify>) {
     let mut rx = m.store.revocations();
     loop {
@@ -108,22 +114,23 @@ async fn revocations(m: Maintenance, recheck: Arc<Notify>) {
     }
 }
 
-/// Asks for a full re-check each time the subscription comes back after a
-/// loss: what was published meanwhile never reached this instance.
+/// Asks for a full re-check each time the subscription is (re)established:
+/// what was published while it was down never reached this instance. Keyed
+/// on the store's count of subscriptions, so a loss and a recovery that
+/// fall between two polls of this task still trigger one.
 async fn resubscriptions(m: Maintenance, recheck: Arc<Notify>) {
-    let mut subscribed = m.store.subscription();
-    let mut was_up = *subscribed.borrow_and_update();
+    let mut subscriptions = m.store.subscriptions();
+    subscriptions.borrow_and_update();
     loop {
         tokio::select! {
-            changed = subscribed.changed() => if changed.is_err() { return },
+            changed = subscriptions.changed() => if changed.is_err() { return },
             _ = m.sockets.shutdown().begun() => return,
         }
-        let up = *subscribed.borrow_and_update();
-        if up && !was_up {
+        subscriptions.borrow_and_update();
+        if m.sockets.registry().session_count() > 0 {
             m.metrics.resubscribe_rechecks.inc();
-            recheck.notify_one();
         }
-        was_up = up;
+        recheck.notify_one();
     }
 }
 
@@ -146,7 +153,7 @@ async fn rechecks(m: Maintenance, recheck: Arc<Notify>) {
 async fn expiry(m: Maintenance) {
     let registry = m.sockets.registry();
     loop {
-        let now = now_unix_ms();
+        let now = store_now(&m);
         let wait = registry.next_due().map_or(IDLE_WAIT, |t| {
             Duration::from_millis(t.saturating_sub(now).max(0) as u64)
         });
@@ -156,7 +163,7 @@ async fn expiry(m: Maintenance) {
             _ = m.sockets.shutdown().begun() => return,
         }
         loop {
-            let due = registry.due(now_unix_ms(), BATCH);
+            let due = registry.due(store_now(&m), BATCH);
             if due.is_empty() {
                 break;
             }
@@ -172,13 +179,13 @@ async fn check(m: &Maintenance, ids: &[String]) {
     let Ok(states) = m.store.liveness(ids).await else {
         // Store down: existing sockets stay open; look again soon.
         m.metrics.store_errors.inc();
-        let retry = now_unix_ms() + ms(STORE_DOWN_RECHECK);
+        let retry = store_now(m) + ms(STORE_DOWN_RECHECK);
         for id in ids {
             registry.recheck_at(id, retry);
         }
         return;
     };
-    let now = now_unix_ms();
+    let now = store_now(m);
     for (id, state) in ids.iter().zip(states) {
         match state {
             Liveness::Alive { expires_at } if expires_at * 1000 > now => {
@@ -223,7 +230,6 @@ async fn audit(m: Maintenance) {
                 }
             }
         }
-        m.hubs.prune_unlinked(UNLINKED_HUB_TTL);
     }
 }
 
@@ -238,5 +244,8 @@ async fn heartbeat(m: Maintenance) {
         if m.store.heartbeat(HEARTBEAT_LEASE).await.is_err() {
             m.metrics.store_errors.inc();
         }
+        // Rides on this tick: a hub whose dial failed is forgotten within
+        // its TTL plus one heartbeat.
+        m.hubs.prune_unlinked(UNLINKED_HUB_TTL);
     }
 }

@@ -199,3 +199,48 @@ async fn a_killed_instance_stops_counting_within_the_lease() {
     );
     still_open(&mut on_a, "A's socket is untouched").await;
 }
+
+#[tokio::test]
+async fn a_revocation_that_lands_while_the_upgrade_dials_still_closes_the_socket() {
+    // A runtime whose handshake waits until the test lets it go.
+    let runtime = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let runtime_addr = runtime.local_addr().unwrap();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (stream, _) = runtime.accept().await.unwrap();
+        let _ = release_rx.await;
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        while let Some(Ok(_)) = futures_util::StreamExt::next(&mut ws).await {}
+    });
+    let redis = RedisServer::start().await;
+    let toml = config(
+        Some(&redis.url()),
+        &support::gateway::route(
+            "gated",
+            "/ws/gated",
+            &[&format!("ws://{runtime_addr}/")],
+            "",
+        ),
+    );
+    let gw = Gateway::start("handshake_timeout_ms = 4000", &toml);
+    let l = login(gw.addr, "alice").await;
+    let url = gw.url("/ws/gated");
+    let token = l.token.clone();
+    let client = tokio::spawn(async move { ws::open(&url, &token).await.0 });
+    // The store said yes and the gateway is dialling: the lease is taken.
+    eventually(
+        "the lease taken while dialling",
+        Duration::from_secs(3),
+        || async { api::get_session(gw.addr, &l.sid, &l.token).await.json()["connections"] == 1 },
+    )
+    .await;
+    // The session ends now, before the socket is registered anywhere.
+    assert_eq!(api::logout(gw.addr, &l.token).await.status, 204);
+    release_tx.send(()).unwrap();
+    let mut s = tokio::time::timeout(Duration::from_secs(5), client)
+        .await
+        .expect("upgrade within the handshake timeout")
+        .expect("client task");
+    let (code, reason) = expect_close(&mut s, ONE_SECOND).await;
+    assert_eq!((code, reason.as_str()), (1008, "session_revoked"));
+}

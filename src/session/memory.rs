@@ -81,6 +81,8 @@ struct Inner {
     revocations: broadcast::Sender<Revocation>,
     /// Always `true`: revocations never travel anywhere to be lost.
     subscribed: watch::Sender<bool>,
+    /// Always 1: the one "subscription" is the process itself.
+    subscriptions: watch::Sender<u64>,
 }
 
 pub struct MemoryStore {
@@ -102,6 +104,7 @@ impl MemoryStore {
             maps: Mutex::new(Maps::default()),
             revocations: tx,
             subscribed: watch::channel(true).0,
+            subscriptions: watch::channel(1).0,
         });
         tokio::spawn(purge(Arc::downgrade(&inner)));
         MemoryStore {
@@ -283,6 +286,14 @@ impl SessionStore for MemoryStore {
 
     fn subscription(&self) -> watch::Receiver<bool> {
         self.inner.subscribed.subscribe()
+    }
+
+    fn subscriptions(&self) -> watch::Receiver<u64> {
+        self.inner.subscriptions.subscribe()
+    }
+
+    fn clock_offset_ms(&self) -> i64 {
+        0
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

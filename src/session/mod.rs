@@ -291,6 +291,15 @@ pub trait SessionStore: Send + Sync + 'static {
     /// the maintenance task then re-checks every local session once.
     fn subscription(&self) -> watch::Receiver<bool>;
 
+    /// How many times the revocation subscription has been established:
+    /// each change means revocations published before it may have been
+    /// missed (a count, so two changes in a row are never merged into none).
+    fn subscriptions(&self) -> watch::Receiver<u64>;
+
+    /// The store's clock minus this host's, in ms: session expiries are in
+    /// the store's clock, so timers for them are set in it too.
+    fn clock_offset_ms(&self) -> i64;
+
     /// Whether the store answers, for `/readyz`.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
@@ -351,6 +360,12 @@ impl SessionStore for Store {
     }
     fn subscription(&self) -> watch::Receiver<bool> {
         dispatch!(self, s => s.subscription())
+    }
+    fn subscriptions(&self) -> watch::Receiver<u64> {
+        dispatch!(self, s => s.subscriptions())
+    }
+    fn clock_offset_ms(&self) -> i64 {
+        dispatch!(self, s => s.clock_offset_ms())
     }
     async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping().await)

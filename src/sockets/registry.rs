@@ -7,9 +7,10 @@
 //! in `connections`), a shared-session [hub](Registry::register_hub) holds
 //! none and ends through its own shutdown watch.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, oneshot};
 
@@ -43,6 +44,42 @@ impl SessionConns {
     }
 }
 
+/// How long an ended session is remembered: longer than any upgrade takes
+/// from its store check to its registration (the handshake timeout plus
+/// the store's deadline), so a revocation that lands in between still
+/// closes the socket as it registers.
+const REMEMBER_ENDED: Duration = Duration::from_secs(60);
+/// Most ended sessions remembered (the oldest are forgotten first).
+const MAX_REMEMBERED: usize = 65_536;
+
+/// Sessions ended lately, whether or not they had sockets here.
+#[derive(Default)]
+struct RecentlyEnded {
+    order: VecDeque<(Instant, String)>,
+    reasons: HashMap<String, EndReason>,
+}
+
+impl RecentlyEnded {
+    fn note(&mut self, session_id: &str, reason: EndReason) {
+        let now = Instant::now();
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < REMEMBER_ENDED && self.order.len() < MAX_REMEMBERED {
+                break;
+            }
+            if let Some((_, sid)) = self.order.pop_front() {
+                self.reasons.remove(&sid);
+            }
+        }
+        if self
+            .reasons
+            .insert(session_id.to_string(), reason)
+            .is_none()
+        {
+            self.order.push_back((now, session_id.to_string()));
+        }
+    }
+}
+
 /// Under one lock, so a socket registering while shutdown begins is either
 /// told by [`Registry::close_all`] or told at once by `register_socket`.
 #[derive(Default)]
@@ -53,6 +90,9 @@ struct Sessions {
     due: BTreeSet<(i64, String)>,
     /// Set by `close_all`: every later socket is closed as it registers.
     going_away: Option<Close>,
+    /// A socket of one of these is closed as it registers: its upgrade
+    /// passed the store check before the session ended.
+    ended: RecentlyEnded,
 }
 
 impl Sessions {
@@ -152,6 +192,10 @@ impl Registry {
             let _ = tx.send(cmd);
             return rx;
         }
+        if let Some(&reason) = sessions.ended.reasons.get(session_id) {
+            let _ = tx.send(close::session_ended(reason));
+            return rx;
+        }
         self.entry(&mut sessions, session_id, expires_at)
             .sockets
             .insert(conn_id.to_string(), tx);
@@ -163,6 +207,10 @@ impl Registry {
     pub fn register_hub(&self, session_id: &str, hub: HubId, expires_at: i64) -> CloseRx {
         let (tx, rx) = oneshot::channel();
         let mut sessions = self.sessions();
+        if let Some(&reason) = sessions.ended.reasons.get(session_id) {
+            let _ = tx.send(close::session_ended(reason));
+            return rx;
+        }
         self.entry(&mut sessions, session_id, expires_at)
             .hubs
             .insert(hub, tx);
@@ -219,9 +267,14 @@ impl Registry {
     }
 
     /// Closes every local socket and hub of a session with the close for
-    /// `reason`; returns how many were told.
+    /// `reason`, and any that registers later (see [`REMEMBER_ENDED`]);
+    /// returns how many were told now.
     pub fn close_session(&self, session_id: &str, reason: EndReason) -> usize {
-        let removed = self.sessions().remove(session_id);
+        let removed = {
+            let mut sessions = self.sessions();
+            sessions.ended.note(session_id, reason);
+            sessions.remove(session_id)
+        };
         let Some(entry) = removed else { return 0 };
         let cmd = close::session_ended(reason);
         let n = entry.sockets.len() + entry.hubs.len();
@@ -337,6 +390,31 @@ mod tests {
         let mut hub = r.register_hub("s1", HubId(7), 100);
         assert_eq!(r.close_session("s1", EndReason::Expired), 2);
         assert_eq!(hub.try_recv().unwrap(), close::SESSION_EXPIRED);
+    }
+
+    #[test]
+    fn a_socket_of_a_session_that_ended_while_it_was_dialling_is_closed_as_it_registers() {
+        let r = Registry::new(10);
+        // The revocation arrives before the upgrade registers its socket.
+        assert_eq!(r.close_session("s1", EndReason::Revoked), 0);
+        let mut late = r.register_socket("s1", "c1", 100);
+        assert_eq!(late.try_recv().unwrap(), close::SESSION_REVOKED);
+        let mut hub = r.register_hub("s1", HubId(9), 100);
+        assert_eq!(hub.try_recv().unwrap(), close::SESSION_REVOKED);
+        assert_eq!(r.session_count(), 0, "nothing registered for it");
+        let mut other = r.register_socket("s2", "c2", 100);
+        assert!(other.try_recv().is_err());
+    }
+
+    #[test]
+    fn the_memory_of_ended_sessions_is_bounded() {
+        let mut ended = RecentlyEnded::default();
+        for i in 0..MAX_REMEMBERED + 10 {
+            ended.note(&format!("s{i}"), EndReason::Expired);
+        }
+        assert_eq!(ended.reasons.len(), MAX_REMEMBERED);
+        assert_eq!(ended.order.len(), MAX_REMEMBERED);
+        assert!(!ended.reasons.contains_key("s0"), "the oldest is forgotten");
     }
 
     #[test]

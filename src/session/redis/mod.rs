@@ -61,7 +61,7 @@ mod repair;
 mod scripts;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -76,6 +76,7 @@ use super::{
     SessionStore, StoreError, TOMBSTONE, UserLimit, announce_revoked,
 };
 use crate::ids::random_id;
+use crate::time::now_unix_ms;
 use conns::Commands;
 use pubsub::listen;
 use repair::Repair;
@@ -128,6 +129,10 @@ impl Keys {
 /// Until the first heartbeat says otherwise: how long an entry of an
 /// instance this one has not seen alive still counts.
 const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
+/// The window used while this instance's own view of who is alive cannot
+/// be trusted (no recent heartbeat, or the instance set had lapsed): so
+/// long that no entry looks dead, so none is cleaned or left uncounted.
+const UNTRUSTED_WINDOW_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 
 /// A short description for logs and `StoreError`: the kind of failure, never
 /// the server's text (which may echo keys) or the URL (which may hold a
@@ -166,6 +171,15 @@ struct Inner {
     /// The heartbeat lease, in ms: also how long an entry of an instance
     /// not (yet) seen alive counts.
     window_ms: AtomicU64,
+    /// Local time (Unix ms) of the last successful heartbeat; 0 = none yet.
+    last_beat_ms: AtomicI64,
+    /// Until then (local Unix ms) the live list is incomplete: the instance
+    /// set had lapsed and the others have not beaten into it again.
+    untrusted_until_ms: AtomicI64,
+    /// Redis's clock minus this host's, from the last heartbeat.
+    clock_offset_ms: AtomicI64,
+    /// Successful subscriptions so far.
+    subscriptions: watch::Receiver<u64>,
     revocations: broadcast::Sender<Revocation>,
     subscribed: watch::Receiver<bool>,
     /// Creates to undo and index entries to remove (see `repair`).
@@ -190,12 +204,14 @@ impl RedisStore {
         };
         let (revocations, _) = broadcast::channel(REVOCATION_CHANNEL);
         let (subscribed_tx, subscribed) = watch::channel(false);
+        let (subscriptions_tx, subscriptions) = watch::channel(0u64);
         let (stop_tx, stop_rx) = oneshot::channel();
         tokio::spawn(listen(
             client.clone(),
             keys.channel(),
             revocations.clone(),
             subscribed_tx,
+            subscriptions_tx,
             stop_rx,
         ));
         let instance = random_id();
@@ -207,6 +223,10 @@ impl RedisStore {
                 live: Mutex::new(Arc::from(vec![instance.clone()])),
                 instance,
                 window_ms: AtomicU64::new(ms(DEFAULT_WINDOW)),
+                last_beat_ms: AtomicI64::new(0),
+                untrusted_until_ms: AtomicI64::new(0),
+                clock_offset_ms: AtomicI64::new(0),
+                subscriptions,
                 revocations,
                 subscribed,
                 repairs,
@@ -256,10 +276,26 @@ impl RedisStore {
         inv.key(self.inner.keys.session(sid))
             .key(self.inner.keys.conns(sid));
         let live = self.live();
-        inv.arg(self.inner.window_ms.load(Ordering::Relaxed))
-            .arg(live.len())
-            .arg(&*live);
+        inv.arg(self.window_ms()).arg(live.len()).arg(&*live);
         inv
+    }
+
+    /// The freshness window to pass to the scripts: the lease while this
+    /// instance's view of the live instances is current, else one so long
+    /// that nothing counts as dead. A stale view (this instance's own
+    /// heartbeats failing, or the instance set just recreated after an
+    /// outage) must never make live instances' entries look dead.
+    fn window_ms(&self) -> u64 {
+        let window = self.inner.window_ms.load(Ordering::Relaxed);
+        let now = now_unix_ms();
+        let last = self.inner.last_beat_ms.load(Ordering::Relaxed);
+        let fresh = last != 0 && now - last < (window / 2) as i64;
+        let complete = now >= self.inner.untrusted_until_ms.load(Ordering::Relaxed);
+        if fresh && complete {
+            window
+        } else {
+            UNTRUSTED_WINDOW_MS
+        }
     }
 
     fn live(&self) -> Arc<[String]> {
@@ -517,7 +553,7 @@ impl SessionStore for RedisStore {
         inv.key(self.inner.keys.instances())
             .arg(&self.inner.instance)
             .arg(ms(lease));
-        let mut live: Vec<String> = self
+        let (redis_now, existed, mut live): (i64, i64, Vec<String>) = self
             .run("heartbeat", |mut conn| {
                 let inv = &inv;
                 async move { inv.invoke_async(&mut conn).await }
@@ -526,7 +562,20 @@ impl SessionStore for RedisStore {
         if !live.contains(&self.inner.instance) {
             live.push(self.inner.instance.clone());
         }
-        self.inner.window_ms.store(ms(lease), Ordering::Relaxed);
+        let local = now_unix_ms();
+        let inner = &self.inner;
+        inner.window_ms.store(ms(lease), Ordering::Relaxed);
+        inner
+            .clock_offset_ms
+            .store(redis_now - local, Ordering::Relaxed);
+        if existed == 0 {
+            // Every other live instance beats into the set within half a
+            // lease; until then the list lacks them.
+            inner
+                .untrusted_until_ms
+                .store(local + (ms(lease) / 2) as i64, Ordering::Relaxed);
+        }
+        inner.last_beat_ms.store(local, Ordering::Relaxed);
         *self.inner.live.lock().unwrap_or_else(|p| p.into_inner()) = Arc::from(live);
         Ok(())
     }
@@ -621,6 +670,14 @@ impl SessionStore for RedisStore {
     /// checks and tests can wait on it instead of guessing.
     fn subscription(&self) -> watch::Receiver<bool> {
         self.inner.subscribed.clone()
+    }
+
+    fn subscriptions(&self) -> watch::Receiver<u64> {
+        self.inner.subscriptions.clone()
+    }
+
+    fn clock_offset_ms(&self) -> i64 {
+        self.inner.clock_offset_ms.load(Ordering::Relaxed)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

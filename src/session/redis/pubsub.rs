@@ -30,13 +30,14 @@ pub(super) async fn listen(
     channel: String,
     tx: broadcast::Sender<Revocation>,
     subscribed: watch::Sender<bool>,
+    subscriptions: watch::Sender<u64>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut backoff = RESUBSCRIBE_MIN;
     loop {
         let ended = tokio::select! {
             _ = &mut stop => return,
-            ended = follow(&client, &channel, &tx, &subscribed) => ended,
+            ended = follow(&client, &channel, &tx, &subscribed, &subscriptions) => ended,
         };
         if subscribed.send_replace(false) {
             tracing::warn!(error = %ended, "revocation subscription lost; resubscribing");
@@ -58,6 +59,7 @@ async fn follow(
     channel: &str,
     tx: &broadcast::Sender<Revocation>,
     subscribed: &watch::Sender<bool>,
+    subscriptions: &watch::Sender<u64>,
 ) -> StoreError {
     let pubsub = match timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await {
         Ok(Ok(pubsub)) => pubsub,
@@ -71,6 +73,9 @@ async fn follow(
         Err(_) => return StoreError("redis subscribe: timed out".to_string()),
     }
     subscribed.send_replace(true);
+    // A count, not only the flag: a watcher that was not polled between a
+    // loss and the next subscription still sees that one happened.
+    subscriptions.send_modify(|n| *n += 1);
     tracing::info!("revocation subscription established");
     let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
     loop {

@@ -159,7 +159,10 @@ local live = redis.call('ZCARD', KEYS[2])
 if live >= max then
   local dead
   live, dead = entries(now)
-  if #dead > 0 then redis.call('ZREM', KEYS[2], unpack(dead)) end
+  -- In chunks: unpack is bounded by Lua's stack (about 8000 values).
+  for i = 1, #dead, 1000 do
+    redis.call('ZREM', KEYS[2], unpack(dead, i, math.min(i + 999, #dead)))
+  end
   if live >= max and not redis.call('ZSCORE', KEYS[2], arg(1)) then
     return 1
   end
@@ -191,18 +194,22 @@ return 1
 /// An instance's heartbeat, the one store write an idle instance makes.
 /// KEYS[1]: the instance set (one key, so one Cluster slot), member =
 /// instance id, score = heartbeat expiry. ARGV: own id, lease ms. Drops
-/// lapsed instances and answers the live ones. The set expires with the
-/// last heartbeat, so no key is ever left without a TTL.
+/// lapsed instances and answers `{now, existed, live ids}`: Redis's clock
+/// (the gateway schedules expiry in it), whether the set existed before
+/// this beat (if not, the others have not re-announced themselves yet and
+/// the list is incomplete), and the live instances. The set expires with
+/// the last heartbeat, so no key is ever left without a TTL.
 pub(super) static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[2])
+local existed = redis.call('EXISTS', KEYS[1])
 redis.call('ZADD', KEYS[1], string.format('%d', now + lease), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))
 if redis.call('PTTL', KEYS[1]) < lease then redis.call('PEXPIRE', KEYS[1], lease) end
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+return {now, existed, redis.call('ZRANGE', KEYS[1], 0, -1)}
 "#,
     )
 });
