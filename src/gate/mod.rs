@@ -76,6 +76,9 @@ struct Admitted<'a> {
     record: SessionRecord,
     conn_id: String,
     offered: upgrade::Offered,
+    /// The client's permessage-deflate offers; passed upstream on exclusive
+    /// routes only.
+    deflate_offer: Option<http::HeaderValue>,
     headers: http::HeaderMap,
     deadline: tokio::time::Instant,
     accept: String,
@@ -188,6 +191,11 @@ impl Gate {
             rest,
             query,
             offered: upgrade::offered_protocols(req.headers()),
+            // Shared routes strip it: hubs and viewports decode messages
+            // with tungstenite, which has no deflate.
+            deflate_offer: matches!(route.mode, Mode::Exclusive)
+                .then(|| upgrade::deflate_offer(req.headers()))
+                .flatten(),
             headers: upgrade::forwarded_headers(req.headers(), &claims, peer),
             claims,
             record,
@@ -220,7 +228,13 @@ impl Gate {
             self.sockets
                 .registry()
                 .register_socket(&a.claims.sid, &a.conn_id, a.record.expires_at);
-        let resp = upgrade::switching_protocols(a.accept, dialled.protocol.clone(), &a.offered);
+        let deflate = dialled.extensions.is_some();
+        let resp = upgrade::switching_protocols(
+            a.accept,
+            dialled.protocol.clone(),
+            &a.offered,
+            dialled.extensions.clone(),
+        );
         let cfg = RelayConfig {
             max_message: a.route.max_message_bytes,
             io_buffer: self.settings.io_buffer,
@@ -245,6 +259,7 @@ impl Gate {
                         client_early: parts.read_buf,
                         upstream,
                         upstream_early,
+                        deflate,
                     };
                     Either::Left(relay::relay(pair, cfg, close_rx))
                 }
@@ -269,6 +284,7 @@ async fn dial_route(a: &Admitted<'_>) -> Option<(usize, Dialled)> {
             url: &url,
             headers: &a.headers,
             protocols: a.offered.others.clone(),
+            extensions: a.deflate_offer.clone(),
         };
         match tokio::time::timeout_at(a.deadline, dial(req)).await {
             Ok(Ok(d)) => {

@@ -51,7 +51,8 @@ impl Gate {
                 .registry()
                 .register_socket(&a.claims.sid, &a.conn_id, a.record.expires_at);
         let start = viewport.start();
-        let mut resp = upgrade::switching_protocols(a.accept, viewport.protocol(), &a.offered);
+        let mut resp =
+            upgrade::switching_protocols(a.accept, viewport.protocol(), &a.offered, None);
         let h = resp.headers_mut();
         h.insert(
             ROLE,

@@ -247,6 +247,33 @@ pub fn forwarded_headers(client: &HeaderMap, claims: &Claims, peer: SocketAddr) 
     out
 }
 
+/// The client's permessage-deflate offers (RFC 7692), in its order, for the
+/// upstream request of an exclusive route; `None` when it offered none.
+///
+/// Only permessage-deflate is passed on: the relay knows what RSV1 means
+/// under it and nothing else, so any other extension (e.g.
+/// `x-webkit-deflate-frame`) is still stripped and never negotiated. Shared
+/// routes never call this: hubs decode messages with tungstenite, which has
+/// no deflate.
+pub fn deflate_offer(client: &HeaderMap) -> Option<HeaderValue> {
+    let offers: Vec<&str> = client
+        .get_all(SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|o| {
+            o.split(';')
+                .next()
+                .is_some_and(|n| n.trim().eq_ignore_ascii_case("permessage-deflate"))
+        })
+        .collect();
+    if offers.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&offers.join(", ")).ok()
+}
+
 /// The cookie header without `portcullis_session`; `None` when nothing is left.
 fn strip_session_cookie(value: &HeaderValue) -> Option<HeaderValue> {
     let v = value.to_str().ok()?;
@@ -271,6 +298,7 @@ pub fn switching_protocols(
     accept: String,
     runtime_choice: Option<HeaderValue>,
     offered: &Offered,
+    extensions: Option<HeaderValue>,
 ) -> Response<Body> {
     let protocol = runtime_choice
         .filter(|p| {
@@ -294,6 +322,9 @@ pub fn switching_protocols(
     );
     if let Some(p) = protocol {
         h.insert(SEC_WEBSOCKET_PROTOCOL, p);
+    }
+    if let Some(e) = extensions {
+        h.insert(SEC_WEBSOCKET_EXTENSIONS, e);
     }
     resp
 }
@@ -369,18 +400,23 @@ mod tests {
                 .map(|v| v.to_str().unwrap().to_string())
         };
         let chat = Some(HeaderValue::from_static("chat.v2"));
-        let r = switching_protocols("a".into(), chat.clone(), &offered("chat.v1, chat.v2"));
+        let r = switching_protocols("a".into(), chat.clone(), &offered("chat.v1, chat.v2"), None);
         assert_eq!(r.status(), http::StatusCode::SWITCHING_PROTOCOLS);
         assert_eq!(chosen(r).as_deref(), Some("chat.v2"));
-        let r = switching_protocols("a".into(), chat.clone(), &offered("bearer, tok, chat.v1"));
+        let r = switching_protocols(
+            "a".into(),
+            chat.clone(),
+            &offered("bearer, tok, chat.v1"),
+            None,
+        );
         assert_eq!(
             chosen(r).as_deref(),
             Some("bearer"),
             "chat.v2 was not offered"
         );
-        let r = switching_protocols("a".into(), None, &offered("bearer, tok"));
+        let r = switching_protocols("a".into(), None, &offered("bearer, tok"), None);
         assert_eq!(chosen(r).as_deref(), Some("bearer"));
-        let r = switching_protocols("a".into(), chat, &offered("chat.v1"));
+        let r = switching_protocols("a".into(), chat, &offered("chat.v1"), None);
         assert_eq!(chosen(r), None);
     }
 

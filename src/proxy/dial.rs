@@ -52,6 +52,11 @@ pub struct Dialled {
     pub early: Bytes,
     /// The subprotocol the runtime chose, if any.
     pub protocol: Option<HeaderValue>,
+    /// The runtime's `Sec-WebSocket-Extensions` answer: only ever a
+    /// permessage-deflate answer to one of the client's offers, checked by
+    /// [`check_deflate`]; `Some` means RSV1 marks compressed messages on
+    /// this connection.
+    pub extensions: Option<HeaderValue>,
 }
 
 /// What the upstream request carries besides the handshake itself.
@@ -62,6 +67,9 @@ pub struct UpstreamRequest<'a> {
     pub headers: &'a HeaderMap,
     /// Subprotocols the client offered, minus the `bearer` pair.
     pub protocols: Option<String>,
+    /// The client's permessage-deflate offers (exclusive routes only; see
+    /// [`crate::gate::upgrade::deflate_offer`]).
+    pub extensions: Option<HeaderValue>,
 }
 
 pub async fn dial(req: UpstreamRequest<'_>) -> Result<Dialled, DialError> {
@@ -111,10 +119,12 @@ pub async fn dial(req: UpstreamRequest<'_>) -> Result<Dialled, DialError> {
                         continue;
                     }
                     let protocol = check_response(&resp, &key, req.protocols.as_deref())?;
+                    let extensions = check_extensions(&resp, req.extensions.as_ref())?;
                     return Ok(Dialled {
                         stream,
                         early: Bytes::copy_from_slice(&buf[start + head_len..filled]),
                         protocol,
+                        extensions,
                     });
                 }
                 Ok(httparse::Status::Partial) => break,
@@ -147,6 +157,11 @@ fn request_head(req: &UpstreamRequest<'_>, key: &str) -> Vec<u8> {
         head.extend_from_slice(p.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    if let Some(e) = &req.extensions {
+        head.extend_from_slice(b"Sec-WebSocket-Extensions: ");
+        head.extend_from_slice(e.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
     for (name, value) in req.headers.iter() {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
@@ -165,8 +180,7 @@ fn header<'a>(resp: &'a httparse::Response<'_, '_>, name: &http::HeaderName) -> 
 }
 
 /// Accepts only a `101` that completes *our* handshake: the right accept
-/// key, an offered subprotocol if any, and no extension (we offered none; one
-/// turned on would change the framing the relay tracks).
+/// key and an offered subprotocol if any (extensions: [`check_extensions`]).
 fn check_response(
     resp: &httparse::Response<'_, '_>,
     key: &str,
@@ -187,9 +201,6 @@ fn check_response(
             "Sec-WebSocket-Accept does not match",
         ));
     }
-    if header(resp, &SEC_WEBSOCKET_EXTENSIONS).is_some() {
-        return Err(DialError::BadHandshake("extension was not offered"));
-    }
     let Some(chosen) = header(resp, &SEC_WEBSOCKET_PROTOCOL) else {
         return Ok(None);
     };
@@ -209,6 +220,130 @@ fn check_response(
         .map_err(|_| DialError::BadHandshake("subprotocol is not a header value"))
 }
 
+/// The runtime's extension answer: none, or one permessage-deflate answer
+/// that accepts one of the offers the client made (RFC 7692 §5, §7). An
+/// extension nobody offered would change the framing the relay tracks, so
+/// anything else fails the dial.
+fn check_extensions(
+    resp: &httparse::Response<'_, '_>,
+    offered: Option<&HeaderValue>,
+) -> Result<Option<HeaderValue>, DialError> {
+    let mut answers = resp
+        .headers
+        .iter()
+        .filter(|h| {
+            h.name
+                .eq_ignore_ascii_case(SEC_WEBSOCKET_EXTENSIONS.as_str())
+        })
+        .map(|h| h.value);
+    let Some(answer) = answers.next() else {
+        return Ok(None);
+    };
+    if answers.next().is_some() {
+        return Err(DialError::BadHandshake("more than one extension answer"));
+    }
+    let Some(offered) = offered.and_then(|o| o.to_str().ok()) else {
+        return Err(DialError::BadHandshake("extension was not offered"));
+    };
+    let answer = std::str::from_utf8(answer)
+        .map_err(|_| DialError::BadHandshake("extension answer is not text"))?
+        .trim();
+    if !check_deflate(answer, offered) {
+        return Err(DialError::BadHandshake(
+            "extension answer does not accept an offer",
+        ));
+    }
+    HeaderValue::from_str(answer)
+        .map(Some)
+        .map_err(|_| DialError::BadHandshake("extension answer is not a header value"))
+}
+
+/// permessage-deflate parameters (RFC 7692 §7.1), parsed.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Deflate {
+    server_no_context_takeover: bool,
+    client_no_context_takeover: bool,
+    /// `Some(None)`: present without a value.
+    server_max_window_bits: Option<Option<u8>>,
+    client_max_window_bits: Option<Option<u8>>,
+}
+
+/// One extension element, `permessage-deflate; p; p=v`, or `None` if it is
+/// another extension, repeats a parameter, or has one RFC 7692 does not
+/// define or a value out of range.
+fn parse_deflate(element: &str) -> Option<Deflate> {
+    let mut parts = element.split(';').map(str::trim);
+    if !parts.next()?.eq_ignore_ascii_case("permessage-deflate") {
+        return None;
+    }
+    let mut d = Deflate::default();
+    for p in parts {
+        let (name, value) = match p.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            None => (p, None),
+        };
+        let bits = |v: Option<&str>| -> Option<Option<u8>> {
+            match v {
+                None => Some(None),
+                Some(v)
+                    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) && v.len() <= 2 =>
+                {
+                    let n: u8 = v.parse().ok()?;
+                    (8..=15).contains(&n).then_some(Some(n))
+                }
+                Some(_) => None,
+            }
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "server_no_context_takeover" if value.is_none() && !d.server_no_context_takeover => {
+                d.server_no_context_takeover = true;
+            }
+            "client_no_context_takeover" if value.is_none() && !d.client_no_context_takeover => {
+                d.client_no_context_takeover = true;
+            }
+            "server_max_window_bits" if d.server_max_window_bits.is_none() => {
+                d.server_max_window_bits = Some(bits(value)?);
+            }
+            "client_max_window_bits" if d.client_max_window_bits.is_none() => {
+                d.client_max_window_bits = Some(bits(value)?);
+            }
+            _ => return None,
+        }
+    }
+    Some(d)
+}
+
+/// Whether `answer` (one element) accepts at least one of the
+/// comma-separated `offers` under RFC 7692 §7.1:
+/// - `server_no_context_takeover`, `client_no_context_takeover`: a server
+///   may answer either whether or not it was offered;
+/// - `server_max_window_bits`: with a value, at most the offered one if
+///   offered (a server may limit its own window unasked, §7.1.2.1);
+/// - `client_max_window_bits`: only if offered, with a value, at most the
+///   offered one if the offer had a value (§7.1.2.2).
+fn check_deflate(answer: &str, offers: &str) -> bool {
+    if answer.contains(',') {
+        return false;
+    }
+    let Some(a) = parse_deflate(answer) else {
+        return false;
+    };
+    let within = |answer: Option<Option<u8>>, offer: Option<Option<u8>>| match (answer, offer) {
+        (None, _) => true,
+        (Some(None), _) | (Some(Some(_)), None) => false,
+        (Some(Some(a)), Some(Some(o))) => a <= o,
+        (Some(Some(_)), Some(None)) => true,
+    };
+    let server_within = |answer: Option<Option<u8>>, offer: Option<Option<u8>>| match answer {
+        Some(Some(_)) if offer.is_none() => true,
+        _ => within(answer, offer),
+    };
+    offers.split(',').filter_map(parse_deflate).any(|o| {
+        server_within(a.server_max_window_bits, o.server_max_window_bits)
+            && within(a.client_max_window_bits, o.client_max_window_bits)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,7 +356,58 @@ mod tests {
         let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         let mut resp = httparse::Response::new(&mut headers);
         assert!(resp.parse(raw).expect("parses").is_complete());
-        check_response(&resp, key, offered)
+        let protocol = check_response(&resp, key, offered)?;
+        check_extensions(&resp, None)?;
+        Ok(protocol)
+    }
+
+    #[test]
+    fn deflate_answers_must_accept_an_offer() {
+        let offers = "permessage-deflate; client_max_window_bits, permessage-deflate";
+        for ok in [
+            "permessage-deflate",
+            "permessage-deflate; server_no_context_takeover",
+            "permessage-deflate; client_no_context_takeover",
+            "permessage-deflate; client_max_window_bits=12",
+            "permessage-deflate; server_max_window_bits=12; client_max_window_bits=12",
+            "Permessage-Deflate; Server_No_Context_Takeover; client_max_window_bits=\"15\"",
+        ] {
+            assert!(check_deflate(ok, offers), "{ok}");
+        }
+        for bad in [
+            "x-webkit-deflate-frame",
+            "permessage-deflate, permessage-deflate",
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; client_max_window_bits",
+            "permessage-deflate; client_max_window_bits=16",
+            "permessage-deflate; client_max_window_bits=7",
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+            "permessage-deflate; server_no_context_takeover=1",
+            "permessage-deflate; unknown",
+        ] {
+            assert!(!check_deflate(bad, offers), "{bad}");
+        }
+        let capped = "permessage-deflate; server_max_window_bits=10; client_max_window_bits=11";
+        assert!(check_deflate(
+            "permessage-deflate; server_max_window_bits=9; client_max_window_bits=11",
+            capped
+        ));
+        assert!(!check_deflate(
+            "permessage-deflate; server_max_window_bits=11",
+            capped
+        ));
+        assert!(!check_deflate(
+            "permessage-deflate; client_max_window_bits=12",
+            capped
+        ));
+        assert!(!check_deflate(
+            "permessage-deflate",
+            "x-webkit-deflate-frame"
+        ));
+        assert!(!check_deflate(
+            "permessage-deflate; client_max_window_bits=12",
+            "permessage-deflate"
+        ));
     }
 
     fn ok_101(key: &str, extra: &str) -> Vec<u8> {
@@ -301,6 +487,7 @@ mod tests {
                 url: &url,
                 headers: &headers,
                 protocols: None,
+                extensions: None,
             }),
         )
         .await
@@ -381,6 +568,7 @@ mod tests {
             url: &url,
             headers: &headers,
             protocols: Some("chat".into()),
+            extensions: None,
         };
         let head = request_head(&req, "dGhlIHNhbXBsZSBub25jZQ==");
         let mut parsed = [httparse::EMPTY_HEADER; 16];

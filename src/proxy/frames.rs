@@ -68,9 +68,8 @@ pub struct Rules {
     /// permessage-deflate was negotiated on this connection (RFC 7692):
     /// RSV1 is then allowed on the first frame of a data message, and the
     /// UTF-8 of a compressed text message is not checked (it would have to
-    /// be inflated first). Nothing negotiates it yet: the gate strips the
-    /// offer, so this stays false until the deflate item sets it from the
-    /// handshake.
+    /// be inflated first; documented in README). Set from the runtime's
+    /// answer to the client's offer on exclusive routes.
     pub deflate: bool,
 }
 
@@ -498,6 +497,8 @@ fn encode(mut frame: Frame, masked: bool) -> Vec<u8> {
 }
 
 /// A close frame with `code` and `reason`; `masked` towards an upstream.
+/// Never compressed (RSV bits clear), as RFC 7692 §6.1 has control frames
+/// on a permessage-deflate connection.
 pub fn close_frame(code: u16, reason: &str, masked: bool) -> Vec<u8> {
     encode(
         Frame::close(Some(CloseFrame {
@@ -673,6 +674,14 @@ mod tests {
             assert_eq!(whole(Rules::default(), &bad).event, Some(Event::Protocol));
             let bad = raw(true, rsv, TEXT, Some([1, 2, 3, 4]), b"x");
             assert_eq!(whole(CLIENT, &bad).event, Some(Event::Protocol));
+        }
+    }
+
+    #[test]
+    fn injected_frames_are_never_compressed() {
+        for masked in [false, true] {
+            assert_eq!(close_frame(1001, "going_away", masked)[0], 0x88);
+            assert_eq!(ping_frame(masked)[0], 0x89);
         }
     }
 

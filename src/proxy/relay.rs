@@ -227,6 +227,9 @@ pub struct Pair {
     pub client_early: bytes::Bytes,
     pub upstream: TcpStream,
     pub upstream_early: bytes::Bytes,
+    /// permessage-deflate was negotiated (the runtime accepted the client's
+    /// offer): RSV1 may mark the first frame of a data message both ways.
+    pub deflate: bool,
 }
 
 /// The relay's whole state, so the decisions below are plain methods.
@@ -421,22 +424,25 @@ pub fn relay(
         client_early,
         upstream,
         upstream_early,
+        deflate,
     } = pair;
     let now = Instant::now();
     let mut r = Relay {
         client,
         upstream,
         c2u: Dir {
-            // permessage-deflate is not negotiated through the gate yet;
-            // once it is, `deflate` comes from the handshake.
             tracker: FrameTracker::new(Rules {
                 client: true,
-                deflate: false,
+                deflate,
             }),
             last_rx: Some(now),
             ..Dir::default()
         },
         u2c: Dir {
+            tracker: FrameTracker::new(Rules {
+                client: false,
+                deflate,
+            }),
             last_rx: Some(now),
             ..Dir::default()
         },
@@ -695,6 +701,7 @@ mod tests {
             client_early: bytes::Bytes::new(),
             upstream,
             upstream_early: bytes::Bytes::new(),
+            deflate: true,
         };
         let fut = relay(pair, cfg, rx);
         let size = size_of_future(&fut);

@@ -1,0 +1,250 @@
+//! permessage-deflate (RFC 7692) end to end on exclusive routes: a real
+//! client and a real runtime (both the Python `websockets` library, which
+//! negotiates it by default) through the real gateway.
+//!
+//! Needs `websockets` importable by `python3`: set `PORTCULLIS_PY_PATH` to a
+//! `pip install --target` directory (default `/tmp/deflate-py`). Without it
+//! the Python tests say so and pass vacuously; the refused-answer test needs
+//! nothing.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::gateway::{Gateway, config, echo_route, route};
+use support::http::{login, request};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+fn py_path() -> String {
+    std::env::var("PORTCULLIS_PY_PATH").unwrap_or_else(|_| "/tmp/deflate-py".into())
+}
+
+fn script(name: &str) -> String {
+    format!(
+        "{}/tests/support/deflate/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+async fn have_websockets() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import websockets.client"])
+        .env("PYTHONPATH", py_path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: python3 cannot import websockets (PORTCULLIS_PY_PATH)");
+    }
+    ok
+}
+
+/// The Python echo runtime, its port, and its stdout (one JSON line per
+/// connection with the offer it received).
+async fn python_runtime() -> (
+    Child,
+    u16,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
+    let mut child = Command::new("python3")
+        .arg(script("runtime.py"))
+        .env("PYTHONPATH", py_path())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let port = tokio::time::timeout(WITHIN, lines.next_line())
+        .await
+        .expect("runtime prints its port in time")
+        .unwrap()
+        .expect("a port line")
+        .parse()
+        .unwrap();
+    (child, port, lines)
+}
+
+async fn python_client(gw: &Gateway, token: &str, deflate: bool, n: usize) -> serde_json::Value {
+    let out = tokio::time::timeout(
+        WITHIN,
+        Command::new("python3")
+            .arg(script("client.py"))
+            .args([
+                gw.addr.to_string(),
+                "/ws/echo".into(),
+                token.into(),
+                if deflate { "1" } else { "0" }.into(),
+                n.to_string(),
+            ])
+            .env("PYTHONPATH", py_path())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("client finishes in time")
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("client prints JSON")
+}
+
+async fn next_offer(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) -> serde_json::Value {
+    let line = tokio::time::timeout(WITHIN, lines.next_line())
+        .await
+        .expect("runtime reports the connection in time")
+        .unwrap()
+        .expect("a line");
+    serde_json::from_str(&line).unwrap()
+}
+
+#[tokio::test]
+async fn deflate_is_negotiated_end_to_end_and_shrinks_the_wire() {
+    if !have_websockets().await {
+        return;
+    }
+    let (_rt, port, mut lines) = python_runtime().await;
+    let upstream = format!("ws://127.0.0.1:{port}/");
+    let gw = Gateway::start(
+        "",
+        &config(None, &echo_route(&upstream, "max_message_bytes = 1048576")),
+    );
+    let token = login(gw.addr, "alice").await.token;
+
+    const N: usize = 200_000;
+    let r = python_client(&gw, &token, true, N).await;
+    assert_eq!(r["status"], 101, "{r}");
+    let ext = r["extensions"]
+        .as_str()
+        .expect("the 101 names an extension");
+    assert!(ext.starts_with("permessage-deflate"), "{ext}");
+    assert_eq!(r["echoed"], true, "the message round-trips unchanged: {r}");
+    let wire = r["wire_bytes"].as_u64().unwrap() as usize;
+    assert!(
+        wire * 10 < N,
+        "{wire} bytes on the wire for a {N}-byte repetitive message"
+    );
+    let offer = next_offer(&mut lines).await;
+    assert!(
+        offer["offer"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("permessage-deflate")),
+        "the client's offer reached the runtime: {offer}"
+    );
+
+    // Without the client's offer nothing is negotiated: no offer upstream,
+    // none in the 101, and the message travels uncompressed.
+    let r = python_client(&gw, &token, false, N).await;
+    assert_eq!(r["status"], 101, "{r}");
+    assert_eq!(r["extensions"], serde_json::Value::Null, "{r}");
+    assert_eq!(r["echoed"], true, "{r}");
+    assert!(r["wire_bytes"].as_u64().unwrap() as usize >= N, "{r}");
+    let offer = next_offer(&mut lines).await;
+    assert_eq!(offer["offer"], serde_json::Value::Null, "{offer}");
+}
+
+#[tokio::test]
+async fn shared_routes_strip_the_offer() {
+    if !have_websockets().await {
+        return;
+    }
+    let (_rt, port, mut lines) = python_runtime().await;
+    let upstream = format!("ws://127.0.0.1:{port}/");
+    let gw = Gateway::start(
+        "",
+        &config(
+            None,
+            &route("echo", "/ws/echo", &[&upstream], "mode = \"shared\""),
+        ),
+    );
+    let token = login(gw.addr, "alice").await.token;
+    let r = python_client(&gw, &token, true, 1000).await;
+    assert_eq!(r["status"], 101, "{r}");
+    assert_eq!(r["extensions"], serde_json::Value::Null, "{r}");
+    let offer = next_offer(&mut lines).await;
+    assert_eq!(offer["offer"], serde_json::Value::Null, "{offer}");
+}
+
+/// A runtime that answers every handshake with `permessage-deflate`,
+/// offered or not; returns how many requests it saw.
+async fn eager_runtime(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&buf).to_string();
+            let key = head
+                .lines()
+                .find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.eq_ignore_ascii_case("sec-websocket-key")
+                        .then(|| v.trim().to_string())
+                })
+                .unwrap_or_default();
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let _ = s
+                .write_all(
+                    format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await;
+            // Hold the socket until the gateway drops it.
+            let _ = s.read(&mut chunk).await;
+        });
+    }
+}
+
+#[tokio::test]
+async fn an_unoffered_extension_in_the_answer_fails_the_dial() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("ws://{}/", listener.local_addr().unwrap());
+    let rt = tokio::spawn(eager_runtime(listener));
+    let gw = Gateway::start("", &config(None, &echo_route(&upstream, "")));
+    let token = login(gw.addr, "alice").await.token;
+    let headers = [
+        ("Authorization".to_string(), format!("Bearer {token}")),
+        ("Connection".into(), "Upgrade".into()),
+        ("Upgrade".into(), "websocket".into()),
+        ("Sec-WebSocket-Version".into(), "13".into()),
+        (
+            "Sec-WebSocket-Key".into(),
+            "dGhlIHNhbXBsZSBub25jZQ==".into(),
+        ),
+    ];
+    let hdrs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let r = request(gw.addr, "GET", "/ws/echo", &hdrs, None).await;
+    assert_eq!(r.status, 502, "the client offered nothing");
+    // An offer of another extension is stripped, so the answer is still
+    // unoffered.
+    let mut with_other = hdrs.clone();
+    with_other.push(("Sec-WebSocket-Extensions", "x-webkit-deflate-frame"));
+    let r = request(gw.addr, "GET", "/ws/echo", &with_other, None).await;
+    assert_eq!(r.status, 502, "x-webkit-deflate-frame is never passed on");
+    rt.abort();
+}
