@@ -176,9 +176,9 @@ async fn shared_routes_strip_the_offer() {
     assert_eq!(offer["offer"], serde_json::Value::Null, "{offer}");
 }
 
-/// A runtime that answers every handshake with `permessage-deflate`,
-/// offered or not; returns how many requests it saw.
-async fn eager_runtime(listener: TcpListener) {
+/// A runtime that answers every handshake with the extension `answer`,
+/// offered or not.
+async fn eager_runtime(listener: TcpListener, answer: &'static str) {
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             return;
@@ -206,7 +206,7 @@ async fn eager_runtime(listener: TcpListener) {
             let _ = s
                 .write_all(
                     format!(
-                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: {answer}\r\n\r\n"
                     )
                     .as_bytes(),
                 )
@@ -221,7 +221,7 @@ async fn eager_runtime(listener: TcpListener) {
 async fn an_unoffered_extension_in_the_answer_fails_the_dial() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = format!("ws://{}/", listener.local_addr().unwrap());
-    let rt = tokio::spawn(eager_runtime(listener));
+    let rt = tokio::spawn(eager_runtime(listener, "permessage-deflate"));
     let gw = Gateway::start("", &config(None, &echo_route(&upstream, "")));
     let token = login(gw.addr, "alice").await.token;
     let headers = [
@@ -247,4 +247,88 @@ async fn an_unoffered_extension_in_the_answer_fails_the_dial() {
     let r = request(gw.addr, "GET", "/ws/echo", &with_other, None).await;
     assert_eq!(r.status, 502, "x-webkit-deflate-frame is never passed on");
     rt.abort();
+
+    // An answer whose parameters the offer did not allow (RFC 7692
+    // §7.1.2.2: no `client_max_window_bits` unless offered).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("ws://{}/", listener.local_addr().unwrap());
+    let rt = tokio::spawn(eager_runtime(
+        listener,
+        "permessage-deflate; client_max_window_bits=10",
+    ));
+    let gw = Gateway::start("", &config(None, &echo_route(&upstream, "")));
+    let token = login(gw.addr, "alice").await.token;
+    let auth = format!("Bearer {token}");
+    let mut offered = hdrs.clone();
+    offered[0] = ("Authorization", &auth);
+    offered.push(("Sec-WebSocket-Extensions", "permessage-deflate"));
+    let r = request(gw.addr, "GET", "/ws/echo", &offered, None).await;
+    assert_eq!(r.status, 502, "the answer is not a subset of the offer");
+    assert!(
+        gw.log()
+            .contains("extension answer does not accept an offer"),
+        "{}",
+        gw.log()
+    );
+    rt.abort();
+}
+
+/// On a deflate connection the close the gateway injects (here `1009` for a
+/// message over the limit) is uncompressed: RSV1 clear.
+#[tokio::test]
+async fn injected_closes_are_uncompressed_on_a_deflate_connection() {
+    if !have_websockets().await {
+        return;
+    }
+    let (_rt, port, mut lines) = python_runtime().await;
+    let upstream = format!("ws://127.0.0.1:{port}/");
+    let gw = Gateway::start(
+        "",
+        &config(None, &echo_route(&upstream, "max_message_bytes = 1024")),
+    );
+    let token = login(gw.addr, "alice").await.token;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "GET /ws/echo HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+        gw.addr
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        let n = tokio::time::timeout(WITHIN, s.read(&mut chunk))
+            .await
+            .expect("the 101 in time")
+            .unwrap();
+        assert!(n > 0, "gateway closed during the handshake");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let resp = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    assert!(resp.starts_with("http/1.1 101"), "{resp}");
+    assert!(
+        resp.contains("sec-websocket-extensions: permessage-deflate"),
+        "{resp}"
+    );
+    next_offer(&mut lines).await;
+    // A binary message of 2000 bytes (over the 1024 limit), masked with a
+    // zero key so the payload is sent as is.
+    let mut frame = vec![0x82, 0x80 | 126];
+    frame.extend_from_slice(&2000u16.to_be_bytes());
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend(std::iter::repeat_n(b'a', 2000));
+    s.write_all(&frame).await.unwrap();
+    let mut rest = buf[end..].to_vec();
+    while rest.len() < 4 {
+        let n = tokio::time::timeout(WITHIN, s.read(&mut chunk))
+            .await
+            .expect("the close in time")
+            .unwrap();
+        assert!(n > 0, "the gateway dropped TCP without a close frame");
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(rest[0], 0x88, "a final close frame with RSV bits clear");
+    assert_eq!(u16::from_be_bytes([rest[2], rest[3]]), 1009);
 }

@@ -421,6 +421,35 @@ mod tests {
     }
 
     #[test]
+    fn only_permessage_deflate_offers_go_upstream() {
+        let mut h = HeaderMap::new();
+        h.append(
+            SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(
+                "x-webkit-deflate-frame, permessage-deflate; client_max_window_bits",
+            ),
+        );
+        h.append(
+            SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("foo; bar=1, Permessage-Deflate"),
+        );
+        assert_eq!(
+            deflate_offer(&h).unwrap(),
+            "permessage-deflate; client_max_window_bits, Permessage-Deflate"
+        );
+        let mut other = HeaderMap::new();
+        other.insert(
+            SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("x-webkit-deflate-frame"),
+        );
+        assert_eq!(deflate_offer(&other), None);
+        assert_eq!(deflate_offer(&HeaderMap::new()), None);
+        // The offer never travels as an ordinary header.
+        let out = forwarded_headers(&h, &claims(), "10.1.2.3:5".parse().unwrap());
+        assert!(out.get(SEC_WEBSOCKET_EXTENSIONS).is_none());
+    }
+
+    #[test]
     fn origins() {
         let v = HeaderValue::from_static("http://localhost:3000");
         assert!(origin_allowed(&["http://localhost:3000".into()], &v));
