@@ -4,8 +4,9 @@
 //!
 //! Needs `websockets` importable by `python3`: set `PORTCULLIS_PY_PATH` to a
 //! `pip install --target` directory (default `/tmp/deflate-py`). Without it
-//! the Python tests say so and pass vacuously; the refused-answer test needs
-//! nothing.
+//! the Python tests say so and pass vacuously (unless
+//! `PORTCULLIS_REQUIRE_DEFLATE` is set, as `.ci/run` does after installing
+//! it); the refused-answer test needs nothing.
 
 mod support;
 
@@ -41,6 +42,11 @@ async fn have_websockets() -> bool {
         .await
         .is_ok_and(|s| s.success());
     if !ok {
+        assert!(
+            std::env::var_os("PORTCULLIS_REQUIRE_DEFLATE").is_none(),
+            "PORTCULLIS_REQUIRE_DEFLATE is set but python3 cannot import websockets from {}",
+            py_path()
+        );
         eprintln!("skipped: python3 cannot import websockets (PORTCULLIS_PY_PATH)");
     }
     ok
@@ -131,6 +137,7 @@ async fn deflate_is_negotiated_end_to_end_and_shrinks_the_wire() {
     assert!(ext.starts_with("permessage-deflate"), "{ext}");
     assert_eq!(r["echoed"], true, "the message round-trips unchanged: {r}");
     let wire = r["wire_bytes"].as_u64().unwrap() as usize;
+    eprintln!("{N}-byte message: {wire} bytes read after the 101 ({ext})");
     assert!(
         wire * 10 < N,
         "{wire} bytes on the wire for a {N}-byte repetitive message"
