@@ -242,9 +242,11 @@ async fn reattach_within_grace_reuses_the_upstream_and_after_grace_it_closes_100
         },
     )
     .await;
-    // A new viewport gets a new runtime connection.
+    // A new viewport gets a new runtime connection; on the Redis store the
+    // numbering continues where the old hub left it (SPEC §8: one
+    // numbering per session and route, whichever connection serves it).
     let (_v, _, seq, _) = viewport(&gw, &s, None).await;
-    assert_eq!(seq, 0, "numbering restarts with the new runtime connection");
+    assert_eq!(seq, 2, "frames 0 and 1 went to the old runtime connection");
     up.next_arrival().await;
     up.next_arrival().await;
     assert_eq!(up.connections(), 2);

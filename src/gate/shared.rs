@@ -9,6 +9,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 
 use super::{Admitted, Gate, dial_route, upgrade};
 use crate::error::{ApiError, Body};
+use crate::hub::AttachError;
 
 const ROLE: HeaderName = HeaderName::from_static("portcullis-role");
 const SEQ: HeaderName = HeaderName::from_static("portcullis-seq");
@@ -41,10 +42,14 @@ impl Gate {
                 a.route,
                 a.record.expires_at,
                 resume,
+                a.deadline,
                 || async { dial_route(&a).await.map(|(_, d)| d) },
             )
             .await
-            .ok_or_else(ApiError::upstream_unavailable)?;
+            .map_err(|e| match e {
+                AttachError::Upstream => ApiError::upstream_unavailable(),
+                AttachError::Store(e) => ApiError::from(e),
+            })?;
 
         let close_rx =
             self.sockets

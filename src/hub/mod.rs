@@ -7,8 +7,13 @@
 //! never slows the upstream or the others — it falls behind the ring and is
 //! closed `1013`. The owner's frames go upstream through a small bounded
 //! channel (backpressure, as in exclusive mode).
+//!
+//! On the Redis store a hub is one per (session, route) in the whole
+//! deployment and other instances follow it through the store (see
+//! [`remote`]); on the memory store everything stays in this process.
 
 mod interrupts;
+mod remote;
 pub mod ring;
 mod viewport;
 
@@ -20,7 +25,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::HeaderValue;
-use tokio::sync::{Notify, OnceCell, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OnceCell, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -29,7 +34,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::proxy::dial::Dialled;
 use crate::routing::Route;
-use crate::session::{SessionStore, Store};
+use crate::session::redis::fabric::{Fabric, Placement};
+use crate::session::{SessionStore, Store, StoreError};
 use crate::sockets::close::{self, Close};
 use crate::sockets::{CloseRx, HubId, Sockets};
 use interrupts::Interrupts;
@@ -58,14 +64,46 @@ impl From<Close> for HubClose {
     }
 }
 
-/// The hub's link to its runtime, set once the dial succeeded.
-struct Link {
-    tx: mpsc::Sender<Message>,
-    protocol: Option<HeaderValue>,
+/// The hub's link to its runtime, set once the dial succeeded (or, for a
+/// mirror, once the hub elsewhere was found).
+enum Link {
+    /// This instance holds the runtime connection.
+    Runtime {
+        tx: mpsc::Sender<Message>,
+        protocol: Option<HeaderValue>,
+    },
+    /// Another instance does (SPEC §8): frames arrive through the store;
+    /// the owner's go back through it, at most `credit` in flight.
+    Remote {
+        protocol: Option<HeaderValue>,
+        credit: Semaphore,
+    },
+}
+
+impl Link {
+    fn protocol(&self) -> Option<HeaderValue> {
+        match self {
+            Link::Runtime { protocol, .. } | Link::Remote { protocol, .. } => protocol.clone(),
+        }
+    }
+}
+
+/// Why a viewport could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// No runtime completed its handshake (`502 upstream_unavailable`).
+    #[error("upstream unavailable")]
+    Upstream,
+    /// The store could not place the hub (`503`).
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Hub ids are unique per process (see [`HubId`]).
 static NEXT_HUB: AtomicU64 = AtomicU64::new(1);
+/// Viewport ids are unique per process, so `<instance>/<id>` names one
+/// viewport in the whole deployment (the store's owner).
+static NEXT_VIEWPORT: AtomicU64 = AtomicU64::new(1);
 
 pub struct Hub {
     session_id: String,
@@ -76,13 +114,15 @@ pub struct Hub {
     /// Bumped on every new frame and on the end, to wake viewports.
     wake: watch::Sender<u64>,
     link: OnceCell<Link>,
-    next_viewport: AtomicU64,
     viewports_changed: Notify,
     created: std::time::Instant,
+    /// Where viewports and ownership are counted across instances; `None`
+    /// on the memory store.
+    fabric: Option<Fabric>,
 }
 
 impl Hub {
-    fn new(session_id: &str, route: Arc<Route>) -> Hub {
+    fn new(session_id: &str, route: Arc<Route>, fabric: Option<Fabric>) -> Hub {
         let ring = Ring::new(route.replay_frames, route.replay_bytes);
         Hub {
             session_id: session_id.to_string(),
@@ -91,9 +131,9 @@ impl Hub {
             ring: Mutex::new(ring),
             wake: watch::channel(0).0,
             link: OnceCell::new(),
-            next_viewport: AtomicU64::new(1),
             viewports_changed: Notify::new(),
             created: std::time::Instant::now(),
+            fabric,
         }
     }
 
@@ -105,71 +145,299 @@ impl Hub {
         self.ring().is_closed()
     }
 
-    /// Sends an owner frame upstream; waits while the runtime is slow.
+    /// Sends an owner frame upstream; waits while the runtime is slow (or,
+    /// from a mirror, while the hub has not acknowledged earlier frames).
     async fn send_upstream(&self, m: Message) -> Result<(), ()> {
-        let link = self.link.get().ok_or(())?;
-        link.tx.send(m).await.map_err(|_| ())
+        match self.link.get().ok_or(())? {
+            Link::Runtime { tx, .. } => tx.send(m).await.map_err(|_| ()),
+            Link::Remote { credit, .. } => {
+                let fabric = self.fabric.as_ref().ok_or(())?;
+                let frame = remote::to_frame(&m).ok_or(())?;
+                credit.acquire().await.map_err(|_| ())?.forget();
+                fabric
+                    .publish_write(&self.session_id, &self.route.name, &frame)
+                    .await
+                    .map_err(|_| ())
+            }
+        }
+    }
+
+    /// The hub acknowledged `n` of this mirror's owner frames.
+    fn credit(&self, n: usize) {
+        if let Some(Link::Remote { credit, .. }) = self.link.get() {
+            credit.add_permits(n.min(remote::CREDIT));
+        }
+    }
+
+    /// A mirror ended: an owner waiting for credit gives up.
+    fn close_credit(&self) {
+        if let Some(Link::Remote { credit, .. }) = self.link.get() {
+            credit.close();
+        }
     }
 
     /// The subprotocol the runtime chose when the hub dialled it.
     fn protocol(&self) -> Option<HeaderValue> {
-        self.link.get().and_then(|l| l.protocol.clone())
+        self.link.get().and_then(Link::protocol)
     }
 
-    /// Dials the runtime once per hub; concurrent first viewports share the
-    /// one dial. `dial` runs only if no link exists yet.
-    async fn connect<F, Fut>(self: &Arc<Self>, hubs: &Hubs, expires_at: i64, dial: F) -> bool
+    /// This viewport's name in the store.
+    fn global_id(&self, viewport: u64) -> Option<String> {
+        self.fabric
+            .as_ref()
+            .map(|f| format!("{}/{viewport}", f.instance()))
+    }
+
+    /// Links the hub once: dials the runtime, or (on the Redis store)
+    /// finds the hub another instance holds and follows it. Concurrent
+    /// first viewports share the one link.
+    async fn connect<F, Fut>(
+        self: &Arc<Self>,
+        hubs: &Hubs,
+        expires_at: i64,
+        deadline: Instant,
+        dial: F,
+    ) -> Result<(), AttachError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Option<Dialled>>,
     {
         self.link
             .get_or_try_init(|| async {
-                let d = dial().await.ok_or(())?;
-                let cfg = crate::proxy::ws_config(
-                    self.route.max_message_bytes as usize,
-                    hubs.0.read_buffer,
-                );
-                let ws = WebSocketStream::from_partially_read(
-                    d.stream,
-                    d.early.to_vec(),
-                    Role::Client,
-                    Some(cfg),
-                )
-                .await;
-                let (tx, rx) = mpsc::channel(UPSTREAM_QUEUE);
-                // The hub watches its session like a socket does, so
-                // revocation, expiry and the sweep end it too.
-                let sockets = &hubs.0.sockets;
-                let close_rx =
-                    sockets
-                        .registry()
-                        .register_hub(&self.session_id, self.id, expires_at);
-                sockets
-                    .shutdown()
-                    .spawn(run(self.clone(), hubs.clone(), ws, rx, close_rx));
-                Ok::<_, ()>(Link {
-                    tx,
-                    protocol: d.protocol,
-                })
+                match &self.fabric {
+                    None => {
+                        let d = dial().await.ok_or(AttachError::Upstream)?;
+                        Ok(self.start_runtime(hubs, expires_at, d, None).await)
+                    }
+                    Some(fabric) => self.place(hubs, fabric, expires_at, deadline, dial).await,
+                }
             })
             .await
-            .is_ok()
+            .map(|_| ())
+    }
+
+    /// Starts the hub's task on a dialled runtime.
+    async fn start_runtime(
+        self: &Arc<Self>,
+        hubs: &Hubs,
+        expires_at: i64,
+        d: Dialled,
+        shared: Option<(Fabric, crate::session::redis::fabric::Usage)>,
+    ) -> Link {
+        let cfg =
+            crate::proxy::ws_config(self.route.max_message_bytes as usize, hubs.0.read_buffer);
+        let ws = WebSocketStream::from_partially_read(
+            d.stream,
+            d.early.to_vec(),
+            Role::Client,
+            Some(cfg),
+        )
+        .await;
+        let (tx, rx) = mpsc::channel(UPSTREAM_QUEUE);
+        let side =
+            shared.map(|(fabric, usage)| remote::HubSide::start(self, fabric, usage, tx.clone()));
+        // The hub watches its session like a socket does, so
+        // revocation, expiry and the sweep end it too.
+        let sockets = &hubs.0.sockets;
+        let close_rx = sockets
+            .registry()
+            .register_hub(&self.session_id, self.id, expires_at);
+        sockets
+            .shutdown()
+            .spawn(run(self.clone(), hubs.clone(), ws, rx, close_rx, side));
+        Link::Runtime {
+            tx,
+            protocol: d.protocol,
+        }
+    }
+
+    /// SPEC §8: claims the hub in the store and dials, or follows the live
+    /// hub of another instance, taking it over when that instance is dead.
+    async fn place<F, Fut>(
+        self: &Arc<Self>,
+        hubs: &Hubs,
+        fabric: &Fabric,
+        expires_at: i64,
+        deadline: Instant,
+        dial: F,
+    ) -> Result<Link, AttachError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Option<Dialled>>,
+    {
+        let (sid, route) = (self.session_id.as_str(), self.route.name.as_str());
+        let usage = fabric.use_fabric();
+        // Alive before claiming: no other instance may see this one's hub
+        // without its liveness key.
+        fabric.beat_now().await?;
+        let mut dead: Option<String> = None;
+        loop {
+            let placement = fabric.claim_hub(sid, route, dead.as_deref()).await?;
+            tracing::debug!(session = %sid, route = %route, ?placement, "hub placement");
+            match placement {
+                Placement::Mine { frames, next } => {
+                    let frames = frames
+                        .into_iter()
+                        .filter_map(|(seq, f)| remote::to_message(f).map(|m| (seq, m)));
+                    self.ring().preload(frames, next);
+                    let Some(d) = dial().await else {
+                        let _ = fabric.release_hub(sid, route).await;
+                        return Err(AttachError::Upstream);
+                    };
+                    let protocol = d.protocol.as_ref().and_then(|p| p.to_str().ok());
+                    fabric.link_hub(sid, route, protocol).await?;
+                    let link = self
+                        .start_runtime(hubs, expires_at, d, Some((fabric.clone(), usage)))
+                        .await;
+                    return Ok(link);
+                }
+                Placement::Elsewhere {
+                    instance,
+                    linked,
+                    protocol,
+                } => {
+                    if !fabric.is_alive(&instance).await? {
+                        dead = Some(instance);
+                        continue;
+                    }
+                    if !linked {
+                        // Its dial is under way; wait for it, within ours.
+                        if Instant::now() + remote::LINK_POLL >= deadline {
+                            return Err(AttachError::Upstream);
+                        }
+                        tokio::time::sleep(remote::LINK_POLL).await;
+                        continue;
+                    }
+                    return self
+                        .follow(hubs, fabric, expires_at, instance, protocol, usage)
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Becomes a mirror of the hub `holder` holds.
+    async fn follow(
+        self: &Arc<Self>,
+        hubs: &Hubs,
+        fabric: &Fabric,
+        expires_at: i64,
+        holder: String,
+        protocol: Option<String>,
+        usage: crate::session::redis::fabric::Usage,
+    ) -> Result<Link, AttachError> {
+        let (sid, route) = (self.session_id.as_str(), self.route.name.as_str());
+        // Subscribe first, then read the stream: nothing falls between.
+        let outbox = fabric.subscribe(sid, route, true);
+        let (frames, next) = fabric.frames_from(sid, route, 0).await?;
+        let frames = frames
+            .into_iter()
+            .filter_map(|(seq, f)| remote::to_message(f).map(|m| (seq, m)));
+        self.ring().preload(frames, next);
+        let dead = fabric.watch_instance(&holder);
+        let sockets = &hubs.0.sockets;
+        let close_rx = sockets
+            .registry()
+            .register_hub(&self.session_id, self.id, expires_at);
+        let mirror = remote::Mirror {
+            fabric: fabric.clone(),
+            outbox,
+            dead,
+            holder,
+            usage,
+        };
+        sockets
+            .shutdown()
+            .spawn(remote::mirror(self.clone(), hubs.clone(), mirror, close_rx));
+        Ok(Link::Remote {
+            protocol: protocol.and_then(|p| HeaderValue::from_str(&p).ok()),
+            credit: Semaphore::new(remote::CREDIT),
+        })
     }
 
     /// Attaches a viewport where `resume_from` asks (SPEC §7); `None` when
-    /// the hub has ended meanwhile.
-    fn attach(self: &Arc<Self>, resume_from: Option<u64>) -> Option<Viewport> {
-        let id = self.next_viewport.fetch_add(1, Ordering::Relaxed);
-        let (start, handle) = self.ring().attach(id, resume_from)?;
+    /// the hub has ended meanwhile. On the Redis store the role is decided
+    /// there, across instances.
+    async fn attach(
+        self: &Arc<Self>,
+        resume_from: Option<u64>,
+    ) -> Result<Option<Viewport>, StoreError> {
+        let id = NEXT_VIEWPORT.fetch_add(1, Ordering::Relaxed);
+        let owner = match (&self.fabric, self.global_id(id)) {
+            (Some(f), Some(gid)) => {
+                match f
+                    .attach_viewport(&self.session_id, &self.route.name, &gid)
+                    .await
+                {
+                    Ok(owner) => Some(owner),
+                    Err(e) => {
+                        // A mirror that never gets its first viewport must
+                        // still end: let it look.
+                        self.viewports_changed.notify_one();
+                        return Err(e);
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Some((start, handle)) = self.ring().attach(id, resume_from, owner) else {
+            self.forget_viewport(id);
+            return Ok(None);
+        };
         self.viewports_changed.notify_one();
-        Some(Viewport::new(self.clone(), id, start, handle))
+        Ok(Some(Viewport::new(self.clone(), id, start, handle)))
     }
 
     /// A viewport left; the hub's grace clock starts when it was the last.
+    /// Counted out of the store in the background.
     fn detach(&self, viewport: u64) {
+        self.detach_here(viewport);
+        self.forget_viewport(viewport);
+    }
+
+    fn detach_here(&self, viewport: u64) {
         if self.ring().detach(viewport) == 0 {
             self.viewports_changed.notify_one();
+        }
+    }
+
+    /// [`Hub::detach`], waiting (bounded) until the store counted it out.
+    async fn leave(&self, viewport: u64) {
+        self.detach_here(viewport);
+        if let (Some(f), Some(gid)) = (&self.fabric, self.global_id(viewport)) {
+            let done = tokio::time::timeout(
+                CLOSE_WAIT * 2,
+                f.detach_viewport(&self.session_id, &self.route.name, &gid),
+            )
+            .await;
+            if !matches!(done, Ok(Ok(()))) {
+                tracing::warn!(session = %self.session_id, "viewport not counted out of the store");
+            }
+        }
+    }
+
+    /// Counts a viewport out of the store (and frees its ownership there).
+    fn forget_viewport(&self, viewport: u64) {
+        if let (Some(f), Some(gid)) = (self.fabric.clone(), self.global_id(viewport)) {
+            let (sid, route) = (self.session_id.clone(), self.route.name.clone());
+            tokio::spawn(async move {
+                if let Err(e) = f.detach_viewport(&sid, &route, &gid).await {
+                    tracing::warn!(session = %sid, error = %e, "viewport not counted out of the store");
+                }
+            });
+        }
+    }
+
+    /// May viewport `id` write? On the Redis store ownership is claimed
+    /// there, so one owner holds across instances.
+    async fn may_write(&self, id: u64, owns: bool) -> Result<bool, StoreError> {
+        match (&self.fabric, self.global_id(id)) {
+            (Some(_), _) if owns => Ok(true),
+            (Some(f), Some(gid)) => {
+                f.claim_owner(&self.session_id, &self.route.name, &gid)
+                    .await
+            }
+            _ => Ok(self.ring().may_write(id)),
         }
     }
 }
@@ -181,7 +449,7 @@ pub struct Hubs(Arc<HubsInner>);
 struct HubsInner {
     map: Mutex<HashMap<(String, String), Arc<Hub>>>,
     sockets: Sockets,
-    /// For `mark_idle` when a hub's grace runs out.
+    /// For `mark_idle` when a hub's grace runs out, and its fabric.
     store: Arc<Store>,
     /// Read buffer of each hub's runtime socket and each viewport.
     read_buffer: usize,
@@ -207,8 +475,8 @@ impl Hubs {
     }
 
     /// Attaches a viewport to the session's hub on `route`, creating the
-    /// hub and dialling its runtime with `dial` when no live one exists.
-    /// `None` when the runtime could not be dialled.
+    /// hub and dialling its runtime with `dial` when no live one exists
+    /// (on the Redis store: anywhere in the deployment).
     ///
     /// A hub whose dial failed stays registered without a runtime link: the
     /// next viewport retries the dial on this same hub, so two attempts can
@@ -220,8 +488,9 @@ impl Hubs {
         route: &Arc<Route>,
         expires_at: i64,
         resume_from: Option<u64>,
+        deadline: Instant,
         dial: F,
-    ) -> Option<Viewport>
+    ) -> Result<Viewport, AttachError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Option<Dialled>>,
@@ -229,14 +498,12 @@ impl Hubs {
         // A hub can end between lookup and attach; then take the fresh one.
         for _ in 0..2 {
             let hub = self.get_or_create(session_id, route);
-            if !hub.connect(self, expires_at, &dial).await {
-                return None;
-            }
-            if let Some(viewport) = hub.attach(resume_from) {
-                return Some(viewport);
+            hub.connect(self, expires_at, deadline, &dial).await?;
+            if let Some(viewport) = hub.attach(resume_from).await? {
+                return Ok(viewport);
             }
         }
-        None
+        Err(AttachError::Upstream)
     }
 
     /// The live hub for this session and route, or a new one. An ended hub
@@ -247,7 +514,8 @@ impl Hubs {
         match map.get(&key) {
             Some(h) if !h.is_ended() => h.clone(),
             _ => {
-                let h = Arc::new(Hub::new(session_id, route.clone()));
+                let fabric = self.0.store.fabric().cloned();
+                let h = Arc::new(Hub::new(session_id, route.clone(), fabric));
                 map.insert(key, h.clone());
                 h
             }
@@ -317,44 +585,87 @@ impl Stop {
     }
 }
 
-/// Whether any viewport is attached, and since when none is.
+/// Whether any viewport is attached here, and since when none is
+/// (anywhere, as far as the last look at other instances went).
 #[derive(Debug, Clone, Copy)]
 enum Attachment {
     Attached,
-    Detached { since: Instant },
+    Detached { since: Instant, check_at: Instant },
 }
 
+/// While viewports of other instances exist, a hub without local ones
+/// looks again this often.
+const REMOTE_RECHECK: Duration = Duration::from_secs(1);
+
 impl Attachment {
-    fn update(self, has_viewports: bool) -> Self {
+    fn update(self, has_viewports: bool, grace: Duration) -> Self {
         match (self, has_viewports) {
             (_, true) => Attachment::Attached,
-            (Attachment::Attached, false) => Attachment::Detached {
-                since: Instant::now(),
-            },
+            (Attachment::Attached, false) => {
+                let since = Instant::now();
+                Attachment::Detached {
+                    since,
+                    check_at: since + grace,
+                }
+            }
             (detached, false) => detached,
         }
     }
 
-    /// Resolves when the detach grace has run out; never while attached.
-    async fn grace_over(self, grace: Duration) {
+    /// Resolves when it is time to look whether the grace has run out;
+    /// never while attached.
+    async fn check_due(self) {
         match self {
             Attachment::Attached => std::future::pending().await,
-            Attachment::Detached { since } => tokio::time::sleep_until(since + grace).await,
+            Attachment::Detached { check_at, .. } => tokio::time::sleep_until(check_at).await,
+        }
+    }
+
+    /// After a look at other instances: `None` when the grace ran out with
+    /// no viewport anywhere, else when to look again.
+    fn after_check(self, remote: u32, grace: Duration) -> Option<Self> {
+        let Attachment::Detached { since, .. } = self else {
+            return Some(self);
+        };
+        let now = Instant::now();
+        if remote > 0 {
+            // Viewports elsewhere: the grace counts from when they leave.
+            return Some(Attachment::Detached {
+                since: now,
+                check_at: now + REMOTE_RECHECK.min(grace),
+            });
+        }
+        if now >= since + grace {
+            None
+        } else {
+            Some(Attachment::Detached {
+                since,
+                check_at: since + grace,
+            })
         }
     }
 }
 
-/// A runtime frame's effect on the hub: numbered into the ring, ignored
-/// (control frames tungstenite answers itself), or the end.
-fn from_runtime(hub: &Hub, m: Option<Result<Message, WsError>>) -> Option<Stop> {
+/// A runtime frame's effect on the hub: numbered into the ring (and the
+/// shared stream), ignored (control frames tungstenite answers itself), or
+/// the end.
+fn from_runtime(
+    hub: &Hub,
+    side: Option<&remote::HubSide>,
+    m: Option<Result<Message, WsError>>,
+) -> Option<Stop> {
     match m {
         Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-            let seq = {
+            let next = {
                 let mut ring = hub.ring();
+                let seq = ring.next_seq();
+                if let Some(side) = side {
+                    side.push(seq, &m);
+                }
                 ring.push(m);
                 ring.next_seq()
             };
-            hub.wake.send_replace(seq);
+            hub.wake.send_replace(next);
             None
         }
         Some(Ok(Message::Close(f))) => Some(Stop::Runtime(match f {
@@ -379,7 +690,9 @@ async fn run(
     ws: WebSocketStream<tokio::net::TcpStream>,
     rx: mpsc::Receiver<Message>,
     close_rx: CloseRx,
+    side: Option<(remote::HubSide, oneshot::Receiver<()>)>,
 ) {
+    let (side, mut fenced) = side.unzip();
     let (sink, mut stream) = ws.split();
     let (stop_tx, stop_rx) = oneshot::channel();
     let writer = tokio::spawn(write_upstream(sink, rx, stop_rx));
@@ -387,20 +700,47 @@ async fn run(
     let mut interrupts = Interrupts::new(close_rx, hubs.0.sockets.shutdown().clone());
     let mut attachment = Attachment::Attached;
     let stop = loop {
-        attachment = attachment.update(hub.ring().has_viewports());
+        attachment = attachment.update(hub.ring().has_viewports(), grace);
+        let fenced = async {
+            match fenced.as_mut() {
+                Some(f) => {
+                    let _ = f.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            m = stream.next() => if let Some(stop) = from_runtime(&hub, m) { break stop },
+            m = stream.next() => if let Some(stop) = from_runtime(&hub, side.as_ref(), m) { break stop },
             c = interrupts.next() => break Stop::Gateway(c.into()),
             _ = hub.viewports_changed.notified() => {}
-            _ = attachment.grace_over(grace) => {
-                if hub.ring().close_if_unattended(close::GOING_AWAY.into()) {
-                    break Stop::Unattended;
+            _ = fenced => break Stop::Gateway(close::SERVICE_RESTART.into()),
+            _ = attachment.check_due() => {
+                let remote = match &side {
+                    Some(s) => s
+                        .fabric
+                        .viewports_elsewhere(&hub.session_id, &hub.route.name)
+                        .await
+                        .unwrap_or(1),
+                    None => 0,
+                };
+                match attachment.after_check(remote, grace) {
+                    Some(next) => attachment = next,
+                    None => {
+                        if hub.ring().close_if_unattended(close::GOING_AWAY.into()) {
+                            break Stop::Unattended;
+                        }
+                    }
                 }
             }
         }
     };
     // Never hand this hub out again, then let viewports drain and close.
     hub.ring().close(stop.close());
+    if let Some(side) = side {
+        // Other instances' viewports close with the same code, and the
+        // next attach anywhere makes a new hub.
+        side.end(&hub, &stop.close()).await;
+    }
     hubs.remove(&hub);
     hub.wake.send_modify(|v| *v = v.wrapping_add(1));
     let _ = stop_tx.send(stop.runtime_frame());

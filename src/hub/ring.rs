@@ -120,9 +120,59 @@ impl Ring {
         }
     }
 
+    /// Fills a new ring with what the shared stream still holds (SPEC §8):
+    /// the run of consecutive frames that ends just before `next`, so the
+    /// ring continues the deployment's numbering. Only for an empty ring.
+    pub fn preload(&mut self, frames: impl IntoIterator<Item = (u64, Message)>, next: u64) {
+        let mut kept: Vec<Message> = Vec::new();
+        let mut start = next;
+        let mut expected = None;
+        for (seq, m) in frames {
+            if expected != Some(seq) {
+                kept.clear();
+                start = seq;
+            }
+            kept.push(m);
+            expected = Some(seq + 1);
+        }
+        if expected != Some(next) {
+            kept.clear();
+            start = next;
+        }
+        self.frames.clear();
+        self.bytes = 0;
+        self.first_seq = start;
+        for m in kept {
+            self.push(m);
+        }
+    }
+
+    /// Continues the numbering at `seq`, dropping what the ring holds: the
+    /// frames in between are lost to this ring (a mirror that missed them
+    /// and found them gone from the stream). Viewports behind it lag out.
+    pub fn skip_to(&mut self, seq: u64) {
+        if seq <= self.next_seq() {
+            return;
+        }
+        self.frames.clear();
+        self.bytes = 0;
+        self.first_seq = seq;
+        for v in self.viewports.values() {
+            if v.cursor.load(Ordering::Acquire) < self.first_seq {
+                v.lagged.notify_one();
+            }
+        }
+    }
+
     /// Registers a viewport and decides where it starts (SPEC §7 resume);
-    /// `None` once the ring is closed.
-    pub fn attach(&mut self, id: u64, resume_from: Option<u64>) -> Option<(Start, ViewportHandle)> {
+    /// `None` once the ring is closed. `owner` is the store's decision on
+    /// the Redis store; `None` decides here.
+    pub fn attach(
+        &mut self,
+        id: u64,
+        resume_from: Option<u64>,
+        owner: Option<bool>,
+    ) -> Option<(Start, ViewportHandle)> {
         if self.is_closed() {
             return None;
         }
@@ -137,7 +187,7 @@ impl Ring {
         // Owner only when nobody else is attached: with readers present and
         // the owner gone, the next viewport that *sends* claims ownership
         // (SPEC §7), not the next one to arrive.
-        let owner = self.owner.is_none() && self.viewports.is_empty();
+        let owner = owner.unwrap_or(self.owner.is_none() && self.viewports.is_empty());
         if owner {
             self.owner = Some(id);
         }
@@ -215,7 +265,7 @@ mod tests {
 
     impl Ring {
         fn attach_open(&mut self, id: u64, resume: Option<u64>) -> (Start, ViewportHandle) {
-            self.attach(id, resume).expect("ring is open")
+            self.attach(id, resume, None).expect("ring is open")
         }
     }
 
@@ -236,7 +286,7 @@ mod tests {
         r.close(SESSION_REVOKED.into());
         r.close(GOING_AWAY.into());
         assert!(
-            r.attach(2, None).is_none(),
+            r.attach(2, None, None).is_none(),
             "an ended hub takes no viewport"
         );
         match r.next_for(0, 10) {

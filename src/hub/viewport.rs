@@ -40,6 +40,11 @@ pub struct Viewport {
     id: u64,
     start: Start,
     handle: ViewportHandle,
+    /// Known to own the session (ownership is only ever given up by its
+    /// holder, so once true it stays true until this viewport leaves).
+    owns: bool,
+    /// Already counted out of its hub (and the store).
+    released: bool,
 }
 
 /// How a viewport's loop ended.
@@ -62,6 +67,8 @@ fn lagged() -> Exit {
 impl Viewport {
     pub(super) fn new(hub: Arc<Hub>, id: u64, start: Start, handle: ViewportHandle) -> Self {
         Viewport {
+            owns: start.owner,
+            released: false,
             hub,
             id,
             start,
@@ -83,7 +90,7 @@ impl Viewport {
     /// Serves the viewport until it or its hub ends. Returns the close code
     /// sent to the client, if any.
     pub async fn serve(
-        self,
+        mut self,
         mut ws: ClientWs,
         close_rx: CloseRx,
         shutdown: Shutdown,
@@ -92,7 +99,10 @@ impl Viewport {
         let exit = self.pump(&mut ws, &mut interrupts).await;
         tracing::debug!(session = %self.hub.session_id, viewport = self.id, ?exit, "viewport ending");
         // Detach first: the hub's grace clock starts now, not after the
-        // client has answered our close.
+        // client has answered our close, and by the time the client sees
+        // the close its ownership is free on every instance.
+        self.released = true;
+        self.hub.leave(self.id).await;
         drop(self);
         match exit {
             Exit::Gone => {
@@ -122,8 +132,8 @@ impl Viewport {
     /// The viewport's loop: deliver the ring from the cursor, forward the
     /// owner's frames, until something ends it. Every wait on a peer (a slow
     /// client, a slow runtime) is interruptible by revocation and shutdown.
-    async fn pump(&self, ws: &mut ClientWs, interrupts: &mut Interrupts) -> Exit {
-        let hub = &self.hub;
+    async fn pump(&mut self, ws: &mut ClientWs, interrupts: &mut Interrupts) -> Exit {
+        let hub = self.hub.clone();
         let mut wake = hub.wake.subscribe();
         let mut cursor = self.handle.cursor.load(Ordering::Acquire);
         loop {
@@ -198,8 +208,13 @@ impl Viewport {
     /// A data frame from the client: upstream if this viewport owns the
     /// session (claiming free ownership), else the `session_not_owned`
     /// notice. Waits on a slow runtime or a client that does not read.
-    async fn forward(&self, ws: &mut ClientWs, m: Message) -> Result<(), Exit> {
-        let owns = self.hub.ring().may_write(self.id);
+    async fn forward(&mut self, ws: &mut ClientWs, m: Message) -> Result<(), Exit> {
+        let owns = self
+            .hub
+            .may_write(self.id, self.owns)
+            .await
+            .map_err(|_| close(close::TRY_AGAIN_LATER))?;
+        self.owns = owns;
         if owns {
             self.hub
                 .send_upstream(m)
@@ -215,6 +230,8 @@ impl Viewport {
 
 impl Drop for Viewport {
     fn drop(&mut self) {
-        self.hub.detach(self.id);
+        if !self.released {
+            self.hub.detach(self.id);
+        }
     }
 }

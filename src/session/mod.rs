@@ -373,6 +373,15 @@ impl SessionStore for Store {
 }
 
 impl Store {
+    /// The cross-instance side of shared sessions; `None` for the memory
+    /// store, which serves one instance only.
+    pub fn fabric(&self) -> Option<&redis::fabric::Fabric> {
+        match self {
+            Store::Memory(_) => None,
+            Store::Redis(s) => Some(s.fabric()),
+        }
+    }
+
     /// Applies `auth.max_sessions_per_user` to every later `create`.
     pub fn with_user_limit(self, limit: UserLimit) -> Self {
         match self {

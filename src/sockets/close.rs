@@ -43,6 +43,12 @@ pub const TRY_AGAIN_LATER: Close = Close {
     code: 1013,
     reason: "try_again_later",
 };
+/// The instance holding a shared session's runtime connection died; the
+/// viewports it served elsewhere reconnect at once (SPEC §8).
+pub const SERVICE_RESTART: Close = Close {
+    code: 1012,
+    reason: "service_restart",
+};
 /// A client frame that breaks RFC 6455 framing rules (SPEC §6).
 pub const PROTOCOL_ERROR: Close = Close {
     code: 1002,

@@ -56,6 +56,7 @@
 //! again once Redis is back, without rebuilding the store.
 
 mod conns;
+pub mod fabric;
 mod pubsub;
 mod repair;
 mod scripts;
@@ -158,6 +159,8 @@ pub struct RedisStore {
     /// Behind a pointer so the `Store` enum stays small.
     inner: Arc<Inner>,
     limit: UserLimit,
+    /// Shared sessions across instances (see `fabric`).
+    fabric: fabric::Fabric,
 }
 
 struct Inner {
@@ -206,6 +209,7 @@ impl RedisStore {
         let (subscribed_tx, subscribed) = watch::channel(false);
         let (subscriptions_tx, subscriptions) = watch::channel(0u64);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let fabric_client = client.clone();
         tokio::spawn(listen(
             client.clone(),
             keys.channel(),
@@ -216,22 +220,24 @@ impl RedisStore {
         ));
         let instance = random_id();
         let (repairs, repair_queue) = mpsc::channel(repair::QUEUE);
+        let inner = Arc::new(Inner {
+            commands: Commands::new(client),
+            keys,
+            live: Mutex::new(Arc::from(vec![instance.clone()])),
+            instance,
+            window_ms: AtomicU64::new(ms(DEFAULT_WINDOW)),
+            last_beat_ms: AtomicI64::new(0),
+            untrusted_until_ms: AtomicI64::new(0),
+            clock_offset_ms: AtomicI64::new(0),
+            subscriptions,
+            revocations,
+            subscribed,
+            repairs,
+            _stop_listener: stop_tx,
+        });
         let store = RedisStore {
-            inner: Arc::new(Inner {
-                commands: Commands::new(client),
-                keys,
-                live: Mutex::new(Arc::from(vec![instance.clone()])),
-                instance,
-                window_ms: AtomicU64::new(ms(DEFAULT_WINDOW)),
-                last_beat_ms: AtomicI64::new(0),
-                untrusted_until_ms: AtomicI64::new(0),
-                clock_offset_ms: AtomicI64::new(0),
-                subscriptions,
-                revocations,
-                subscribed,
-                repairs,
-                _stop_listener: stop_tx,
-            }),
+            fabric: fabric::Fabric::start(inner.clone(), fabric_client),
+            inner,
             limit: UserLimit::NONE,
         };
         tokio::spawn(repair::run(Arc::downgrade(&store.inner), repair_queue));
@@ -247,6 +253,11 @@ impl RedisStore {
     /// Applies `auth.max_sessions_per_user` to every later `create`.
     pub fn with_user_limit(self, limit: UserLimit) -> Self {
         RedisStore { limit, ..self }
+    }
+
+    /// Where shared sessions coordinate across instances.
+    pub fn fabric(&self) -> &fabric::Fabric {
+        &self.fabric
     }
 
     /// This instance's id in the store (the prefix of its socket entries).
