@@ -56,6 +56,7 @@ impl App {
         };
         let store = Arc::new(store.with_user_limit(UserLimit {
             max_sessions: config.auth.max_sessions_per_user,
+            max_connections: config.server.max_connections_per_user,
             slack: Duration::from_secs(config.tokens.ttl_secs),
         }));
         let routes = RouteTable::new(

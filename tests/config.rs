@@ -231,6 +231,7 @@ fn minimal_config_gets_the_documented_defaults() {
     assert!(c.server.allowed_origins.is_empty());
     assert_eq!(c.server.max_connections, 50_000);
     assert_eq!(c.server.max_connections_per_session, 8);
+    assert_eq!(c.server.max_connections_per_user, 0, "no per-user limit");
     assert_eq!(c.server.handshake_timeout_ms, 5_000);
     assert_eq!(c.server.shutdown_grace_ms, 10_000);
 

@@ -47,8 +47,8 @@ mod cases {
 
     use portcullis::ids::{looks_like_id, random_id};
     use portcullis::session::{
-        Attach, EndReason, LeaseRequest, Liveness, Revocation, SessionRecord, SessionState,
-        SessionStore,
+        Attach, EndReason, LeaseRequest, Liveness, Release, Revocation, SessionRecord,
+        SessionState, SessionStore, UserAttach, UserLease,
     };
     use portcullis::time::now_unix;
     use tokio::time::timeout;
@@ -237,6 +237,31 @@ mod cases {
             .expect("an empty batch is a no-op");
     }
 
+    /// `server.max_connections_per_user = 0` (the default): no socket of a
+    /// user is ever refused for it.
+    pub async fn without_a_user_socket_limit_every_socket_fits<S: SessionStore>(store: &S) {
+        let created = store.create("alice", MINUTE).await.expect("create");
+        for n in 0..20 {
+            let conn = format!("c{n}");
+            let req = UserLease {
+                user: "alice",
+                conn_id: &conn,
+                session_ttl: MINUTE,
+            };
+            assert_eq!(
+                store.attach_user(req).await.expect("attach_user"),
+                UserAttach::Attached
+            );
+        }
+        // Releases naming a user are harmless without a limit too.
+        let batch = [Release {
+            session_id: created.id.clone(),
+            conn_id: "c0".to_string(),
+            user: Some("alice".to_string()),
+        }];
+        store.release(&batch).await.expect("release");
+    }
+
     pub async fn a_heartbeating_instance_keeps_its_leases<S: SessionStore>(store: &S) {
         let created = store.create("alice", MINUTE).await.expect("create");
         let lease_for = Duration::from_millis(1000);
@@ -421,6 +446,7 @@ conformance!(
     attach_beyond_limit_is_full,
     detach_leaves_session_detached,
     detach_many_releases_exactly_those_leases,
+    without_a_user_socket_limit_every_socket_fits,
     a_heartbeating_instance_keeps_its_leases,
     count_live_counts_existing_sessions,
     mark_idle_returns_to_created,
@@ -448,7 +474,7 @@ mod redis_only {
 
     const MINUTE: Duration = Duration::from_secs(60);
 
-    async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
+    pub(crate) async fn pttl(conn: &mut MultiplexedConnection, key: &str) -> i64 {
         redis::cmd("PTTL")
             .arg(key)
             .query_async(conn)
@@ -878,16 +904,20 @@ mod redis_only {
 }
 
 /// `auth.max_sessions_per_user` as both stores apply it (limit 3, no slack,
-/// so an expired session stops counting at once in either store).
+/// so an expired session stops counting at once in either store), and
+/// `server.max_connections_per_user` (limit 2).
 mod user_limit_cases {
     use std::time::Duration;
 
-    use portcullis::session::{CreateError, SessionStore, UserLimit};
+    use portcullis::session::{
+        Attach, CreateError, Release, SessionStore, UserAttach, UserLease, UserLimit,
+    };
 
     use crate::support::wait::eventually;
 
     pub const LIMIT: UserLimit = UserLimit {
         max_sessions: 3,
+        max_connections: 2,
         slack: Duration::ZERO,
     };
     const MINUTE: Duration = Duration::from_secs(60);
@@ -926,6 +956,74 @@ mod user_limit_cases {
         assert!(!store.delete(&first.id).await.expect("delete again"));
         assert_too_many(store.create("alice", MINUTE).await);
         assert!(store.get(&again.id).await.expect("get").is_some());
+    }
+
+    /// What the gate does for a socket: the session's lease, then the
+    /// user's slot.
+    async fn open<S: SessionStore>(store: &S, sid: &str, user: &str, conn: &str) -> UserAttach {
+        let lease = crate::lease(sid, conn);
+        assert!(matches!(
+            store.attach(lease).await.expect("attach"),
+            Attach::Attached(_)
+        ));
+        let slot = UserLease {
+            user,
+            conn_id: conn,
+            session_ttl: MINUTE,
+        };
+        store.attach_user(slot).await.expect("attach_user")
+    }
+
+    fn closed(sid: &str, conn: &str, user: Option<&str>) -> Release {
+        Release {
+            session_id: sid.to_string(),
+            conn_id: conn.to_string(),
+            user: user.map(str::to_string),
+        }
+    }
+
+    pub async fn the_socket_limit_counts_every_session_of_the_user<S: SessionStore>(store: &S) {
+        let one = store.create("alice", MINUTE).await.expect("create").id;
+        let two = store.create("alice", MINUTE).await.expect("create").id;
+        assert_eq!(open(store, &one, "alice", "c1").await, UserAttach::Attached);
+        assert_eq!(open(store, &two, "alice", "c2").await, UserAttach::Attached);
+        // A third socket, on either session: full.
+        assert_eq!(open(store, &one, "alice", "c3").await, UserAttach::Full);
+        assert_eq!(open(store, &two, "alice", "c4").await, UserAttach::Full);
+        // A retry of a socket that holds a slot is not counted twice.
+        assert_eq!(open(store, &two, "alice", "c2").await, UserAttach::Attached);
+        // Another user has slots of their own.
+        let bobs = store.create("bob", MINUTE).await.expect("create").id;
+        assert_eq!(open(store, &bobs, "bob", "b1").await, UserAttach::Attached);
+
+        // Releasing only session leases (the refused sockets') frees no
+        // user slot; a socket's release that names its user does, in the
+        // same batch as its session lease.
+        let batch = [
+            closed(&one, "c3", None),
+            closed(&two, "c4", None),
+            closed(&one, "c1", Some("alice")),
+        ];
+        store.release(&batch).await.expect("release");
+        assert_eq!(
+            store
+                .get(&one)
+                .await
+                .expect("get")
+                .expect("alive")
+                .connections,
+            0,
+            "the session leases went with the batch"
+        );
+        assert_eq!(open(store, &one, "alice", "c5").await, UserAttach::Attached);
+        assert_eq!(open(store, &one, "alice", "c6").await, UserAttach::Full);
+        // Released twice, or never held: frees nothing more.
+        let again = [
+            closed(&one, "c1", Some("alice")),
+            closed(&one, "c6", Some("alice")),
+        ];
+        store.release(&again).await.expect("release");
+        assert_eq!(open(store, &one, "alice", "c7").await, UserAttach::Full);
     }
 
     pub async fn an_expired_session_frees_its_slot<S: SessionStore>(store: &S) {
@@ -973,6 +1071,7 @@ macro_rules! user_limit {
 
 user_limit!(
     the_limit_refuses_one_more_session_of_that_user,
+    the_socket_limit_counts_every_session_of_the_user,
     ending_a_session_frees_its_slot,
     an_expired_session_frees_its_slot,
 );
@@ -994,6 +1093,7 @@ mod redis_user_index {
     const MINUTE: Duration = Duration::from_secs(60);
     const LIMIT: UserLimit = UserLimit {
         max_sessions: 3,
+        max_connections: 0,
         slack: Duration::from_secs(900),
     };
 
@@ -1154,5 +1254,181 @@ mod redis_user_index {
                 .expect("PTTL");
             assert!(pttl > 0, "{k} PTTL {pttl}");
         }
+    }
+}
+
+/// The Redis store's per-user socket count across instances
+/// (`server.max_connections_per_user`).
+mod redis_user_sockets {
+    use std::time::Duration;
+
+    use portcullis::session::{
+        RedisStore, Release, SessionStore, UserAttach, UserLease, UserLimit,
+    };
+    use redis::aio::MultiplexedConnection;
+
+    use crate::redis_only::pttl;
+    use crate::support::redis::RedisServer;
+    use crate::support::wait::eventually;
+    use crate::{PREFIX, WAIT, connect_redis};
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn limit(max_connections: u32) -> UserLimit {
+        UserLimit {
+            max_connections,
+            ..UserLimit::NONE
+        }
+    }
+
+    fn user_key(user: &str) -> String {
+        format!("{PREFIX}:user-conns:{{{user}}}")
+    }
+
+    async fn slot(store: &RedisStore, user: &str, conn: &str) -> UserAttach {
+        let req = UserLease {
+            user,
+            conn_id: conn,
+            session_ttl: MINUTE,
+        };
+        store.attach_user(req).await.expect("attach_user")
+    }
+
+    async fn entries(raw: &mut MultiplexedConnection, user: &str) -> Vec<String> {
+        redis::cmd("ZRANGE")
+            .arg(user_key(user))
+            .arg(0)
+            .arg(-1)
+            .query_async(raw)
+            .await
+            .expect("ZRANGE")
+    }
+
+    /// Many sockets of one user on two instances ask for the last slot at
+    /// once: exactly one gets it.
+    #[tokio::test]
+    async fn instances_racing_for_the_last_slot_cannot_both_win() {
+        let server = RedisServer::start().await;
+        let a = connect_redis(&server).await.with_user_limit(limit(3));
+        let b = connect_redis(&server).await.with_user_limit(limit(3));
+        let mut raw = server.client().await;
+        assert_eq!(slot(&a, "alice", "a0").await, UserAttach::Attached);
+        assert_eq!(slot(&b, "alice", "b0").await, UserAttach::Attached);
+        let racers = (0..10).map(|n| {
+            let store = if n % 2 == 0 { &a } else { &b };
+            let conn = format!("r{n}");
+            async move { slot(store, "alice", &conn).await }
+        });
+        let outcomes = futures_util::future::join_all(racers).await;
+        let won = outcomes
+            .iter()
+            .filter(|o| **o == UserAttach::Attached)
+            .count();
+        assert_eq!(won, 1, "{outcomes:?}");
+        assert_eq!(entries(&mut raw, "alice").await.len(), 3);
+        // Each entry names the instance whose heartbeat holds it.
+        for e in entries(&mut raw, "alice").await {
+            assert!(
+                e.starts_with(&format!("{}:", a.instance_id()))
+                    || e.starts_with(&format!("{}:", b.instance_id())),
+                "{e}"
+            );
+        }
+    }
+
+    /// B dies (its heartbeat stops): its sockets stop counting for the
+    /// user once its heartbeat lapses, and the next slot taken at the
+    /// limit removes its dead entries.
+    #[tokio::test]
+    async fn a_dead_instances_sockets_stop_counting_for_the_user() {
+        let server = RedisServer::start().await;
+        let a = connect_redis(&server).await.with_user_limit(limit(2));
+        let b = connect_redis(&server).await.with_user_limit(limit(2));
+        let mut raw = server.client().await;
+        let short = Duration::from_millis(300);
+        a.heartbeat(short).await.expect("heartbeat a");
+        b.heartbeat(short).await.expect("heartbeat b");
+        assert_eq!(slot(&b, "alice", "b1").await, UserAttach::Attached);
+        assert_eq!(slot(&b, "alice", "b2").await, UserAttach::Attached);
+        assert_eq!(slot(&a, "alice", "a1").await, UserAttach::Full);
+        // Only A beats from now on.
+        eventually("B's sockets stop counting", WAIT, || async {
+            a.heartbeat(short).await.expect("heartbeat a");
+            slot(&a, "alice", "a1").await == UserAttach::Attached
+        })
+        .await;
+        assert_eq!(
+            entries(&mut raw, "alice").await,
+            vec![format!("{}:a1", a.instance_id())],
+            "the dead entries were removed"
+        );
+        assert_eq!(slot(&a, "alice", "a2").await, UserAttach::Attached);
+        assert_eq!(slot(&a, "alice", "a3").await, UserAttach::Full);
+    }
+
+    /// A new instance's sockets count before the others have seen its
+    /// heartbeat: they are not taken for a dead instance's.
+    #[tokio::test]
+    async fn a_new_instances_sockets_count_before_others_see_it() {
+        let server = RedisServer::start().await;
+        let a = connect_redis(&server).await.with_user_limit(limit(1));
+        a.heartbeat(MINUTE).await.expect("heartbeat a");
+        let b = connect_redis(&server).await.with_user_limit(limit(1));
+        b.heartbeat(MINUTE).await.expect("heartbeat b");
+        assert_eq!(slot(&b, "alice", "b1").await, UserAttach::Attached);
+        assert_eq!(slot(&a, "alice", "a1").await, UserAttach::Full);
+    }
+
+    /// The key is in the user's hash tag and always has a TTL, at least
+    /// the session's; a refresh of a session prolongs it; a release
+    /// removes the entry. Without the limit nothing is written.
+    #[tokio::test]
+    async fn the_user_key_is_hash_tagged_and_lives_as_long_as_the_sessions() {
+        let server = RedisServer::start().await;
+        let limited = connect_redis(&server).await.with_user_limit(limit(2));
+        let unlimited = connect_redis(&server).await;
+        let mut raw = server.client().await;
+
+        let s = limited.create("alice", MINUTE).await.expect("create");
+        assert_eq!(slot(&limited, "alice", "c1").await, UserAttach::Attached);
+        assert!(user_key("alice").contains("{alice}"));
+        let ttl = pttl(&mut raw, &user_key("alice")).await;
+        assert!((50_000..=60_000).contains(&ttl), "PTTL {ttl}");
+        limited
+            .touch(&s.id, Duration::from_secs(3600))
+            .await
+            .expect("touch")
+            .expect("alive");
+        let ttl = pttl(&mut raw, &user_key("alice")).await;
+        assert!(ttl > 3_500_000, "PTTL after a refresh {ttl}");
+        // A later, shorter attach does not shorten it.
+        assert_eq!(slot(&limited, "alice", "c2").await, UserAttach::Attached);
+        assert!(pttl(&mut raw, &user_key("alice")).await > 3_500_000);
+
+        let batch = [Release {
+            session_id: s.id.clone(),
+            conn_id: "c1".to_string(),
+            user: Some("alice".to_string()),
+        }];
+        limited.release(&batch).await.expect("release");
+        assert_eq!(
+            entries(&mut raw, "alice").await,
+            vec![format!("{}:c2", limited.instance_id())]
+        );
+
+        // No limit: no key, whatever is asked.
+        let b = unlimited.create("bob", MINUTE).await.expect("create");
+        assert_eq!(slot(&unlimited, "bob", "c1").await, UserAttach::Attached);
+        unlimited
+            .touch(&b.id, MINUTE)
+            .await
+            .expect("touch")
+            .expect("alive");
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(user_key("bob"))
+            .query_async(&mut raw)
+            .await
+            .expect("EXISTS");
+        assert!(!exists, "a store without the limit wrote the user's count");
     }
 }

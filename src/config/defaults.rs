@@ -13,6 +13,10 @@ pub fn default_max_connections() -> u32 {
 pub fn default_max_connections_per_session() -> u32 {
     8
 }
+/// No limit: counting a user's sockets costs a store round trip per upgrade.
+pub fn default_max_connections_per_user() -> u32 {
+    0
+}
 pub fn default_handshake_timeout_ms() -> u64 {
     5_000
 }

@@ -68,6 +68,10 @@ pub struct ServerConfig {
     pub max_connections: u32,
     #[serde(default = "default_max_connections_per_session")]
     pub max_connections_per_session: u32,
+    /// SPEC §8: one user's open sockets on every instance sharing the
+    /// store; 0 = no limit (and no store traffic for it).
+    #[serde(default = "default_max_connections_per_user")]
+    pub max_connections_per_user: u32,
     /// From accept to the end of the request head: the slowloris guard.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
@@ -251,6 +255,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             max_connections: default_max_connections(),
             max_connections_per_session: default_max_connections_per_session(),
+            max_connections_per_user: default_max_connections_per_user(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
             body_timeout_ms: default_body_timeout_ms(),
             shutdown_grace_ms: default_shutdown_grace_ms(),

@@ -9,7 +9,10 @@
 //! 3. a token that verifies → else `403 missing_token|invalid_token|token_expired`
 //! 4. a live session (one atomic store call that also takes the socket's
 //!    lease and slides the TTL) → else `403 session_not_found` / `503`
-//! 5. limits → else `503 too_many_connections`
+//! 5. limits (the session's, checked in the same store call as 4; this
+//!    instance's; the user's on every instance, one more store call, only
+//!    when `server.max_connections_per_user` is set) → else
+//!    `503 too_many_connections`
 //! 6. an upstream that completes its handshake → else `502 upstream_unavailable`
 //!
 //! Only then does the client get its `101`. What happens to the socket
@@ -38,18 +41,23 @@ use crate::ids::connection_id;
 use crate::proxy::dial::{Dialled, UpstreamRequest, dial};
 use crate::proxy::relay::{self, Outcome, Pair, RelayConfig};
 use crate::routing::Route;
-use crate::session::{Attach, LeaseRequest, SessionRecord, SessionStore, Store};
+use crate::session::{
+    Attach, LeaseRequest, SessionRecord, SessionStore, Store, UserAttach, UserLease,
+};
 use crate::sockets::{Active, Held, Sockets};
 use crate::telemetry::{Metrics, RouteResultLabel};
 use crate::token::{Claims, TokenError, TokenService, credentials};
 
-/// Retry-After for a full gateway or session: sockets come and go quickly.
+/// Retry-After for a full gateway, session or user: sockets come and go
+/// quickly.
 const FULL_RETRY_AFTER_SECS: u64 = 1;
 
 /// The parts of the config the gate reads on every upgrade.
 struct Settings {
     allowed_origins: Vec<String>,
     max_per_session: u32,
+    /// Whether the store counts each user's sockets (SPEC §8).
+    limits_users: bool,
     session_ttl: Duration,
     handshake_timeout: Duration,
     io_buffer: usize,
@@ -99,6 +107,7 @@ impl Gate {
             settings: Settings {
                 allowed_origins: server.allowed_origins.clone(),
                 max_per_session: server.max_connections_per_session,
+                limits_users: store.user_limit().limits_connections(),
                 session_ttl,
                 handshake_timeout: Duration::from_millis(server.handshake_timeout_ms),
                 io_buffer: server.io_buffer_bytes,
@@ -180,11 +189,29 @@ impl Gate {
             Attach::Full => return Err(ApiError::too_many_connections(FULL_RETRY_AFTER_SECS)),
         };
         // From here on the lease is given back when it drops (see `Lease`).
-        let lease = self.sockets.lease(claims.sid.clone(), conn_id.clone());
-        // 5. Gateway-wide limit (local to this instance).
+        let mut lease = self.sockets.lease(claims.sid.clone(), conn_id.clone());
+        // 5. Gateway-wide limit (local to this instance): checked before the
+        // user's, which costs a store round trip.
         let Some(slot) = self.sockets.try_reserve() else {
             return Err(ApiError::too_many_connections(FULL_RETRY_AFTER_SECS));
         };
+        // 5. Per-user limit, on every instance. Taken after the session's
+        // lease because the user comes from the session the store holds.
+        if self.settings.limits_users {
+            lease.hold_user_slot(record.user.clone());
+            let user = self
+                .store
+                .attach_user(UserLease {
+                    user: &record.user,
+                    conn_id: &conn_id,
+                    session_ttl: self.settings.session_ttl,
+                })
+                .await?;
+            if user == UserAttach::Full {
+                lease.no_user_slot();
+                return Err(ApiError::too_many_connections(FULL_RETRY_AFTER_SECS));
+            }
+        }
         // 6. Dial, and hand the socket over.
         let admitted = Admitted {
             route,

@@ -3,8 +3,9 @@
 //! Expiry is enforced on every read and expired entries are purged in the
 //! background; the purge task holds only a `Weak` and ends with the store.
 //! Socket leases need no heartbeat here: the only instance is this process,
-//! and its sockets release their leases as they close. The per-user limit
-//! is exact: the count and the insert happen under one lock.
+//! and its sockets release their leases as they close. The per-user limits
+//! (sessions, sockets) are exact: the count and the insert happen under
+//! one lock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -13,8 +14,9 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 use super::{
-    Attach, CreateError, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord,
-    SessionStore, StoreError, TOMBSTONE, UserLimit, announce_revoked,
+    Attach, CreateError, LeaseRequest, Liveness, REVOCATION_CHANNEL, Release, Revocation,
+    SessionRecord, SessionStore, StoreError, TOMBSTONE, UserAttach, UserLease, UserLimit,
+    announce_revoked,
 };
 use crate::ids::random_id;
 use crate::time::now_unix_ms;
@@ -51,6 +53,9 @@ struct Maps {
     /// User → the ids of their sessions (expired ones pruned when counted
     /// and by the purge).
     by_user: HashMap<String, HashSet<String>>,
+    /// User → the conn ids of their open sockets (only with
+    /// `max_connections` set); emptied by the sockets' releases.
+    user_conns: HashMap<String, HashSet<String>>,
 }
 
 impl Maps {
@@ -113,9 +118,14 @@ impl MemoryStore {
         }
     }
 
-    /// Applies `auth.max_sessions_per_user` to every later `create`.
+    /// Applies `auth.max_sessions_per_user` to every later `create` and
+    /// `server.max_connections_per_user` to every later `attach_user`.
     pub fn with_user_limit(self, limit: UserLimit) -> Self {
         MemoryStore { limit, ..self }
+    }
+
+    pub fn user_limit(&self) -> UserLimit {
+        self.limit
     }
 
     /// Runs `f` on a live (unexpired) entry under the lock; the lock is never
@@ -233,11 +243,36 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
-    async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
-        for (session_id, conn_id) in leases {
-            self.with_live(session_id, |e, _| {
-                e.leases.remove(conn_id);
-            });
+    async fn attach_user(&self, req: UserLease<'_>) -> Result<UserAttach, StoreError> {
+        let max = self.limit.max_connections as usize;
+        if max == 0 {
+            return Ok(UserAttach::Attached);
+        }
+        let mut maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = maps.user_conns.entry(req.user.to_string()).or_default();
+        if conns.len() >= max && !conns.contains(req.conn_id) {
+            return Ok(UserAttach::Full);
+        }
+        conns.insert(req.conn_id.to_string());
+        Ok(UserAttach::Attached)
+    }
+
+    async fn release(&self, batch: &[Release]) -> Result<(), StoreError> {
+        let now = now_unix_ms();
+        let mut maps = self.inner.maps.lock().unwrap_or_else(|p| p.into_inner());
+        for r in batch {
+            if let Some(e) = maps.sessions.get_mut(&r.session_id) {
+                if e.expires_at_ms > now {
+                    e.leases.remove(&r.conn_id);
+                }
+            }
+            let Some(user) = &r.user else { continue };
+            if let Some(conns) = maps.user_conns.get_mut(user) {
+                conns.remove(&r.conn_id);
+                if conns.is_empty() {
+                    maps.user_conns.remove(user);
+                }
+            }
         }
         Ok(())
     }

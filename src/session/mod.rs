@@ -168,12 +168,15 @@ pub enum CreateError {
     TooManySessions { max: u32 },
 }
 
-/// `auth.max_sessions_per_user`, counted across every instance sharing the
-/// store.
+/// `auth.max_sessions_per_user` and `server.max_connections_per_user`,
+/// counted across every instance sharing the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UserLimit {
     /// Live sessions one user may hold; 0 = unlimited (nothing is indexed).
     pub max_sessions: u32,
+    /// Open sockets one user may hold on every instance ([`SessionStore::attach_user`]);
+    /// 0 = unlimited (nothing is counted, the store is never asked).
+    pub max_connections: u32,
     /// How far past its last create or refresh a session can still be slid
     /// by upgrades: the token lifetime (an upgrade needs a valid token, and
     /// every token is issued by a create or a refresh). The Redis index
@@ -185,12 +188,48 @@ impl UserLimit {
     /// No limit.
     pub const NONE: UserLimit = UserLimit {
         max_sessions: 0,
+        max_connections: 0,
         slack: Duration::ZERO,
     };
 
+    /// Whether sessions are counted (`max_sessions`).
     pub fn enabled(&self) -> bool {
         self.max_sessions > 0
     }
+
+    /// Whether open sockets are counted per user (`max_connections`).
+    pub fn limits_connections(&self) -> bool {
+        self.max_connections > 0
+    }
+}
+
+/// The outcome of asking for a slot in a user's socket count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserAttach {
+    /// Slot taken (or no limit is set); given back by [`SessionStore::release`].
+    Attached,
+    /// [`UserLimit::max_connections`] live sockets of the user already exist.
+    Full,
+}
+
+/// Parameters for a per-user slot request.
+#[derive(Debug, Clone, Copy)]
+pub struct UserLease<'a> {
+    /// The session's user, as the store has it.
+    pub user: &'a str,
+    pub conn_id: &'a str,
+    /// The session TTL the socket's lease slid to: the user's count is kept
+    /// at least this long.
+    pub session_ttl: Duration,
+}
+
+/// What a closed socket gives back to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    pub session_id: String,
+    pub conn_id: String,
+    /// The user whose socket count the socket held a slot in, if any.
+    pub user: Option<String>,
 }
 
 /// Parameters for a lease request.
@@ -246,6 +285,18 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Also refreshes this instance's view of which others are alive.
     fn heartbeat(&self, lease: Duration) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Takes a slot in the user's socket count, which spans every instance
+    /// sharing the store: prunes the entries of dead instances when at the
+    /// limit, counts and adds in one atomic step, so two instances racing
+    /// for the last slot cannot both win. Always `Attached` without a
+    /// [`UserLimit::max_connections`] (and then the store is not asked).
+    /// Held like a session lease: by this instance's heartbeat, until
+    /// [`release`](Self::release) gives it back.
+    fn attach_user(
+        &self,
+        req: UserLease<'_>,
+    ) -> impl Future<Output = Result<UserAttach, StoreError>> + Send;
+
     /// Releases one socket lease (the gateway itself releases in batches).
     fn detach(
         &self,
@@ -257,12 +308,26 @@ pub trait SessionStore: Send + Sync + 'static {
     }
 
     /// Releases many socket leases, `(session id, conn id)` pairs, in one
-    /// round trip: sockets closing together (a burst of reconnects, a
-    /// revocation) cost the store one request, not one each.
+    /// round trip (see [`release`](Self::release)).
     fn detach_many(
         &self,
         leases: &[(String, String)],
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let batch: Vec<Release> = leases
+            .iter()
+            .map(|(session_id, conn_id)| Release {
+                session_id: session_id.clone(),
+                conn_id: conn_id.clone(),
+                user: None,
+            })
+            .collect();
+        async move { self.release(&batch).await }
+    }
+
+    /// Gives back what closed sockets held (session leases and per-user
+    /// slots) in one round trip: sockets closing together (a burst of
+    /// reconnects, a revocation) cost the store one request, not one each.
+    fn release(&self, batch: &[Release]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Marks a session as having no sockets and no kept upstream
     /// (`CREATED`), used when a shared route's grace period ends.
@@ -343,8 +408,11 @@ impl SessionStore for Store {
     async fn heartbeat(&self, lease: Duration) -> Result<(), StoreError> {
         dispatch!(self, s => s.heartbeat(lease).await)
     }
-    async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
-        dispatch!(self, s => s.detach_many(leases).await)
+    async fn attach_user(&self, req: UserLease<'_>) -> Result<UserAttach, StoreError> {
+        dispatch!(self, s => s.attach_user(req).await)
+    }
+    async fn release(&self, batch: &[Release]) -> Result<(), StoreError> {
+        dispatch!(self, s => s.release(batch).await)
     }
     async fn mark_idle(&self, session_id: &str) -> Result<(), StoreError> {
         dispatch!(self, s => s.mark_idle(session_id).await)
@@ -382,11 +450,21 @@ impl Store {
         }
     }
 
-    /// Applies `auth.max_sessions_per_user` to every later `create`.
+    /// Applies `auth.max_sessions_per_user` to every later `create` and
+    /// `server.max_connections_per_user` to every later `attach_user`.
     pub fn with_user_limit(self, limit: UserLimit) -> Self {
         match self {
             Store::Memory(s) => Store::Memory(s.with_user_limit(limit)),
             Store::Redis(s) => Store::Redis(s.with_user_limit(limit)),
+        }
+    }
+
+    /// The limits `with_user_limit` set: the gate asks the store for a
+    /// user's slot only when `max_connections` is set.
+    pub fn user_limit(&self) -> UserLimit {
+        match self {
+            Store::Memory(s) => s.user_limit(),
+            Store::Redis(s) => s.user_limit(),
         }
     }
 }

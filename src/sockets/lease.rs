@@ -11,15 +11,19 @@ use futures_util::FutureExt;
 use super::Sockets;
 use super::registry::Slot;
 use crate::routing::Route;
+use crate::session::Release;
 use crate::telemetry::CloseLabel;
 
-/// A socket's store lease and registry entry, released when dropped: on a
-/// refusal after the store said yes, when hyper drops the gate's future
-/// because the client hung up mid-dial, or when the socket task ends.
+/// A socket's store lease (and its slot in its user's count, if it took
+/// one) and registry entry, released when dropped: on a refusal after the
+/// store said yes, when hyper drops the gate's future because the client
+/// hung up mid-dial, or when the socket task ends.
 pub struct Lease {
     sockets: Sockets,
     sid: String,
     conn_id: String,
+    /// Set while the socket may hold a slot in this user's count.
+    user: Option<String>,
 }
 
 impl Lease {
@@ -28,7 +32,20 @@ impl Lease {
             sockets,
             sid,
             conn_id,
+            user: None,
         }
+    }
+
+    /// From now on the release also gives back the socket's slot in
+    /// `user`'s count. Called *before* asking the store for it: a slot
+    /// taken by a store call whose answer was lost is still given back.
+    pub fn hold_user_slot(&mut self, user: String) {
+        self.user = Some(user);
+    }
+
+    /// The store refused the user's slot: there is nothing to give back.
+    pub fn no_user_slot(&mut self) {
+        self.user = None;
     }
 }
 
@@ -36,10 +53,11 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let inner = &self.sockets.0;
         inner.registry.unregister_socket(&self.sid, &self.conn_id);
-        inner.releases.push(
-            std::mem::take(&mut self.sid),
-            std::mem::take(&mut self.conn_id),
-        );
+        inner.releases.push(Release {
+            session_id: std::mem::take(&mut self.sid),
+            conn_id: std::mem::take(&mut self.conn_id),
+            user: self.user.take(),
+        });
     }
 }
 

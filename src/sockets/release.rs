@@ -1,6 +1,8 @@
 //! Store leases of closed sockets, given back in batches.
 //!
-//! Every socket that closes must release its lease in the store. One store
+//! Every socket that closes must release its lease in the store (and its
+//! slot in its user's count, when `server.max_connections_per_user` is
+//! set: part of the same batch, not a request of its own). One store
 //! request per close (and one task to send it) was a measurable part of an
 //! upgrade's cost (BENCHMARKS.md); sockets close in bursts (a client
 //! reconnecting, a revocation, a deploy), so a close only queues its lease
@@ -10,7 +12,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::session::{SessionStore, Store};
+use crate::session::{Release, SessionStore, Store};
 use crate::shutdown::Shutdown;
 
 /// Most leases sent in one store request.
@@ -27,7 +29,7 @@ pub struct Releases {
 }
 
 struct Inner {
-    queue: Mutex<Vec<(String, String)>>,
+    queue: Mutex<Vec<Release>>,
     store: Arc<Store>,
     /// Drains are tracked: at shutdown the shard runtime (and the Redis
     /// connection the drain uses) must outlive the batch.
@@ -47,13 +49,13 @@ impl Releases {
 
     /// Queues a lease; outside a runtime (process teardown) it lapses with
     /// this instance's heartbeat instead.
-    pub fn push(&self, session_id: String, conn_id: String) {
+    pub fn push(&self, release: Release) {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
         let first = {
             let mut queue = self.inner.lock();
-            queue.push((session_id, conn_id));
+            queue.push(release);
             queue.len() == 1
         };
         // Whoever makes the queue non-empty starts its drain, so no lease
@@ -66,7 +68,7 @@ impl Releases {
 }
 
 impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, String)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Release>> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -83,8 +85,7 @@ async fn drain(inner: Arc<Inner>) {
             return;
         }
         for chunk in batch.chunks(MAX_BATCH) {
-            let released =
-                tokio::time::timeout(RELEASE_TIMEOUT, inner.store.detach_many(chunk)).await;
+            let released = tokio::time::timeout(RELEASE_TIMEOUT, inner.store.release(chunk)).await;
             if !matches!(released, Ok(Ok(()))) {
                 // The entries stay until this instance's heartbeat lapses.
                 tracing::debug!(leases = chunk.len(), "releasing leases failed");

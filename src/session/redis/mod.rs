@@ -32,6 +32,13 @@
 //!   ms: the session's expiry at its create or last refresh plus the token
 //!   lifetime, the furthest upgrades can slide it meanwhile); expired
 //!   members are dropped when it is written; its TTL is its latest score.
+//! - `<prefix>:user-conns:{<user>}` (only with
+//!   `server.max_connections_per_user` set): sorted set of the user's open
+//!   sockets on every instance, entries exactly like `conns:{sid}`'s
+//!   (member = `<instance>:<conn id>`, score = attach time, counted while
+//!   the instance's heartbeat lives); its TTL is at least the furthest
+//!   expiry of a session that attached or was refreshed since, so it
+//!   never lapses under a live socket.
 //! - `<prefix>:user-abandoned:{<user>}`: sorted set of the user's abandoned
 //!   ids (score = when, informational), so a reservation that Redis runs
 //!   late is refused too; it expires a marker's lifetime after its last write.
@@ -48,6 +55,19 @@
 //! leaves a reservation that holds a slot until its score passes, one
 //! session TTL plus the token lifetime. A delete removes the id from the
 //! index after ending the session; if that fails the removal is queued.
+//!
+//! # The per-user socket limit
+//!
+//! A socket takes its session's lease (`ATTACH`, the session's slot), then,
+//! only when the limit is set, a slot in its user's count (`USER_ATTACH`,
+//! the user's slot: prune dead entries at the limit, count, add, one step,
+//! so two instances racing for the last slot cannot both win). Like a
+//! session lease the slot is held by the instance's heartbeat, with no
+//! store traffic while the socket idles, and given back in the same
+//! pipeline that releases the session lease when the socket closes. A
+//! SIGKILLed instance's entries stop counting once its heartbeat lapses
+//! (and are removed by the next `USER_ATTACH` that finds the user at the
+//! limit); one whose release failed counts until then too.
 //!
 //! # Failure
 //!
@@ -73,8 +93,9 @@ use tokio::sync::{broadcast, oneshot, watch};
 use tokio::time::timeout;
 
 use super::{
-    Attach, CreateError, LeaseRequest, Liveness, REVOCATION_CHANNEL, Revocation, SessionRecord,
-    SessionStore, StoreError, TOMBSTONE, UserLimit, announce_revoked,
+    Attach, CreateError, LeaseRequest, Liveness, REVOCATION_CHANNEL, Release, Revocation,
+    SessionRecord, SessionStore, StoreError, TOMBSTONE, UserAttach, UserLease, UserLimit,
+    announce_revoked,
 };
 use crate::ids::random_id;
 use crate::time::now_unix_ms;
@@ -82,8 +103,8 @@ use conns::Commands;
 use pubsub::listen;
 use repair::Repair;
 use scripts::{
-    ATTACH, CREATE, DELETE, GET, HEARTBEAT, MARK_IDLE, RECOUNT, RESERVE, RawRecord, TOUCH,
-    to_record,
+    ATTACH, CREATE, DELETE, GET, HEARTBEAT, KEEP_USER_CONNS, MARK_IDLE, RECOUNT, RESERVE,
+    RawRecord, TOUCH, USER_ATTACH, to_record,
 };
 
 /// Bounds a whole store call, reconnect and one retry included.
@@ -115,6 +136,10 @@ impl Keys {
     /// user's abandoned ids share a slot (another than any session's).
     fn user(&self, user: &str) -> String {
         format!("{}:user:{{{user}}}", self.prefix)
+    }
+    /// The user's open sockets: in the user's slot, like the index.
+    fn user_conns(&self, user: &str) -> String {
+        format!("{}:user-conns:{{{user}}}", self.prefix)
     }
     fn user_abandoned(&self, user: &str) -> String {
         format!("{}:user-abandoned:{{{user}}}", self.prefix)
@@ -250,7 +275,8 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// Applies `auth.max_sessions_per_user` to every later `create`.
+    /// Applies `auth.max_sessions_per_user` to every later `create` and
+    /// `server.max_connections_per_user` to every later `attach_user`.
     pub fn with_user_limit(self, limit: UserLimit) -> Self {
         RedisStore { limit, ..self }
     }
@@ -258,6 +284,10 @@ impl RedisStore {
     /// Where shared sessions coordinate across instances.
     pub fn fabric(&self) -> &fabric::Fabric {
         &self.fabric
+    }
+
+    pub fn user_limit(&self) -> UserLimit {
+        self.limit
     }
 
     /// This instance's id in the store (the prefix of its socket entries).
@@ -286,9 +316,15 @@ impl RedisStore {
         let mut inv = script.prepare_invoke();
         inv.key(self.inner.keys.session(sid))
             .key(self.inner.keys.conns(sid));
+        self.live_args(&mut inv);
+        inv
+    }
+
+    /// The live-instance arguments every script that counts socket entries
+    /// takes first.
+    fn live_args(&self, inv: &mut ScriptInvocation<'_>) {
         let live = self.live();
         inv.arg(self.window_ms()).arg(live.len()).arg(&*live);
-        inv
     }
 
     /// The freshness window to pass to the scripts: the lease while this
@@ -519,6 +555,13 @@ impl SessionStore for RedisStore {
                 .arg(raw.2.saturating_add(ms(self.limit.slack) as i64));
             self.eval::<i64>("recount", &inv).await?;
         }
+        if self.limit.limits_connections() {
+            // The session's sockets count as long as it may now live; a
+            // failure fails the refresh, as for the index.
+            let mut inv = KEEP_USER_CONNS.prepare_invoke();
+            inv.key(self.inner.keys.user_conns(&raw.0)).arg(raw.2);
+            self.eval::<i64>("keep_user_conns", &inv).await?;
+        }
         Ok(Some(to_record(session_id, raw)))
     }
 
@@ -591,19 +634,47 @@ impl SessionStore for RedisStore {
         Ok(())
     }
 
+    async fn attach_user(&self, req: UserLease<'_>) -> Result<UserAttach, StoreError> {
+        if !self.limit.limits_connections() {
+            return Ok(UserAttach::Attached);
+        }
+        let mut inv = USER_ATTACH.prepare_invoke();
+        inv.key(self.inner.keys.user_conns(req.user));
+        self.live_args(&mut inv);
+        inv.arg(self.entry(req.conn_id))
+            .arg(self.limit.max_connections)
+            .arg(ms(req.session_ttl));
+        match self.eval::<i64>("attach_user", &inv).await? {
+            1 => Ok(UserAttach::Attached),
+            0 => Ok(UserAttach::Full),
+            _ => Err(StoreError(
+                "redis attach_user: unexpected answer".to_string(),
+            )),
+        }
+    }
+
     /// One pipeline of plain `ZREM`s, not a script: removing a member never
     /// creates the key, so it needs no existence check and is safe to repeat
     /// on a retry, and it costs Redis a fraction of an `EVALSHA`; a pipeline
-    /// because the leases may live in different Cluster slots.
-    async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
-        if leases.is_empty() {
+    /// because the leases may live in different Cluster slots. A socket
+    /// that held a slot in its user's count adds one `ZREM` to the same
+    /// pipeline, not a round trip.
+    async fn release(&self, batch: &[Release]) -> Result<(), StoreError> {
+        if batch.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for (session_id, conn_id) in leases {
+        for r in batch {
+            let entry = self.entry(&r.conn_id);
+            if let Some(user) = &r.user {
+                pipe.cmd("ZREM")
+                    .arg(self.inner.keys.user_conns(user))
+                    .arg(&entry)
+                    .ignore();
+            }
             pipe.cmd("ZREM")
-                .arg(self.inner.keys.conns(session_id))
-                .arg(self.entry(conn_id))
+                .arg(self.inner.keys.conns(&r.session_id))
+                .arg(entry)
                 .ignore();
         }
         let pipe = &pipe;

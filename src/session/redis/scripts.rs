@@ -8,7 +8,8 @@ use redis::Script;
 use crate::session::SessionRecord;
 
 /// Helpers shared by every session script. `KEYS[1]` is always the
-/// session hash and `KEYS[2]` its socket entries. Timestamps are formatted
+/// session hash and `KEYS[2]` its socket entries (the default of
+/// `entries`; [`USER_ATTACH`] names its own key). Timestamps are formatted
 /// with `%d` because Lua would otherwise print large numbers in exponent
 /// notation.
 ///
@@ -35,12 +36,12 @@ local BASE = 3 + tonumber(ARGV[2])
 local function arg(i)
   return ARGV[BASE + i - 1]
 end
-local function entries(now)
+local function entries(now, key)
   local live = {}
   for i = 3, BASE - 1 do live[ARGV[i]] = true end
   local fresh_after = now - tonumber(ARGV[1])
   local n, dead = 0, {}
-  local all = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+  local all = redis.call('ZRANGE', key or KEYS[2], 0, -1, 'WITHSCORES')
   for i = 1, #all, 2 do
     local m, score = all[i], tonumber(all[i + 1])
     local sep = string.find(m, ':', 1, true)
@@ -173,6 +174,52 @@ redis.call('HSET', KEYS[1], 'attached', '1', 'expires_at', int(exp))
 redis.call('PEXPIREAT', KEYS[1], int(exp))
 redis.call('PEXPIREAT', KEYS[2], int(exp))
 return {f[1], tonumber(f[2]), exp, 1, live}
+"#,
+    )
+});
+
+/// Takes a slot in a user's socket count (`server.max_connections_per_user`).
+/// KEYS[1]: the user's socket entries, entries like a session's (member =
+/// `<instance>:<conn>`, score = attach time, counted while the instance
+/// lives; see [`PRELUDE`]), in the user's slot so this is one step on a
+/// Cluster too. arg: entry, max per user, ttl ms. Returns 1 (taken; also
+/// for an entry taken before: a retry) or 0 (full).
+///
+/// Like [`ATTACH`], below the limit it walks no entries: only a user at
+/// the limit has them weighed and the dead ones removed. The key is kept
+/// at least as long as the session the socket belongs to (a refresh of a
+/// session prolongs it with [`KEEP_USER_CONNS`]), so it never expires
+/// under a live socket and is never left without a TTL.
+pub(super) static USER_ATTACH: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        r#"
+local now = now_ms()
+local max = tonumber(arg(2))
+if redis.call('ZCARD', KEYS[1]) >= max and not redis.call('ZSCORE', KEYS[1], arg(1)) then
+  local live, dead = entries(now, KEYS[1])
+  for i = 1, #dead, 1000 do
+    redis.call('ZREM', KEYS[1], unpack(dead, i, math.min(i + 999, #dead)))
+  end
+  if live >= max then return 0 end
+end
+redis.call('ZADD', KEYS[1], int(now), arg(1))
+local until_ms = now + tonumber(arg(3))
+if now + redis.call('PTTL', KEYS[1]) < until_ms then
+  redis.call('PEXPIREAT', KEYS[1], int(until_ms))
+end
+return 1
+"#,
+    )
+});
+
+/// Keeps the user's socket entries (KEYS[1]) until at least `ARGV[1]`
+/// (Unix ms): a refresh slid one of the user's sessions, whose sockets
+/// must keep counting as long as it lives. A missing key stays missing.
+pub(super) static KEEP_USER_CONNS: LazyLock<Script> = LazyLock::new(|| {
+    user_script(
+        r#"
+keep_until(KEYS[1], tonumber(ARGV[1]))
+return 1
 "#,
     )
 });
