@@ -416,3 +416,37 @@ async fn a_stalled_remote_reader_is_closed_1013_and_the_owner_gets_everything() 
     let (code, reason) = expect_close(&mut stalled.ws, Duration::from_secs(20)).await;
     assert_eq!((code, reason.as_str()), (1013, "try_again_later"));
 }
+
+#[tokio::test]
+async fn a_remote_owner_writes_in_order_with_backpressure_and_loses_nothing() {
+    let redis = RedisServer::start().await;
+    let up = Upstream::start().await;
+    let gws = gateways(2, &redis, &up, "replay_frames = 4096");
+    let s = login(gws[0].addr, "alice").await;
+    // The hub lives on A; its first viewport leaves at once.
+    let mut first = viewport(&gws[0], &s, None).await;
+    let mut remote = viewport(&gws[1], &s, None).await;
+    first.ws.close(None).await.unwrap();
+    let _ = expect_close(&mut first.ws, Duration::from_secs(5)).await;
+    // 2,000 frames from B, far more than the 16 B may have in flight: each
+    // waits for the hub's acknowledgements, none is lost or reordered.
+    let sent: Vec<String> = (0..2000).map(|i| format!("m{i}")).collect();
+    let writer = async {
+        for m in &sent {
+            remote.ws.feed(Message::text(m.clone())).await.unwrap();
+        }
+        remote.ws.flush().await.unwrap();
+    };
+    let mut echoed = Vec::new();
+    let (_, ()) = tokio::join!(writer, async {});
+    while echoed.len() < sent.len() {
+        echoed.push(text(&mut remote.ws).await);
+    }
+    assert_eq!(echoed, sent, "B reads the runtime's echoes in order");
+    assert_eq!(
+        up.received(),
+        sent,
+        "the runtime got every frame once, in order"
+    );
+    assert_eq!(up.connections(), 1);
+}

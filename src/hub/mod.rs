@@ -222,7 +222,11 @@ impl Hub {
         hubs: &Hubs,
         expires_at: i64,
         d: Dialled,
-        shared: Option<(Fabric, crate::session::redis::fabric::Usage)>,
+        shared: Option<(
+            Fabric,
+            crate::session::redis::fabric::Usage,
+            crate::session::redis::fabric::Subscription,
+        )>,
     ) -> Link {
         let cfg =
             crate::proxy::ws_config(self.route.max_message_bytes as usize, hubs.0.read_buffer);
@@ -234,8 +238,9 @@ impl Hub {
         )
         .await;
         let (tx, rx) = mpsc::channel(UPSTREAM_QUEUE);
-        let side =
-            shared.map(|(fabric, usage)| remote::HubSide::start(self, fabric, usage, tx.clone()));
+        let side = shared.map(|(fabric, usage, inbox)| {
+            remote::HubSide::start(self, fabric, usage, inbox, tx.clone())
+        });
         // The hub watches its session like a socket does, so
         // revocation, expiry and the sweep end it too.
         let sockets = &hubs.0.sockets;
@@ -284,11 +289,19 @@ impl Hub {
                         let _ = fabric.release_hub(sid, route).await;
                         return Err(AttachError::Upstream);
                     };
+                    // Listen for remote owners before any instance can
+                    // find the hub linked and follow it.
+                    let inbox = match fabric.subscribe(sid, route, false).await {
+                        Ok(inbox) => inbox,
+                        Err(e) => {
+                            let _ = fabric.release_hub(sid, route).await;
+                            return Err(e.into());
+                        }
+                    };
                     let protocol = d.protocol.as_ref().and_then(|p| p.to_str().ok());
                     fabric.link_hub(sid, route, protocol).await?;
-                    let link = self
-                        .start_runtime(hubs, expires_at, d, Some((fabric.clone(), usage)))
-                        .await;
+                    let shared = (fabric.clone(), usage, inbox);
+                    let link = self.start_runtime(hubs, expires_at, d, Some(shared)).await;
                     return Ok(link);
                 }
                 Placement::Elsewhere {
@@ -328,7 +341,7 @@ impl Hub {
     ) -> Result<Link, AttachError> {
         let (sid, route) = (self.session_id.as_str(), self.route.name.as_str());
         // Subscribe first, then read the stream: nothing falls between.
-        let outbox = fabric.subscribe(sid, route, true);
+        let outbox = fabric.subscribe(sid, route, true).await?;
         let (frames, next) = fabric.frames_from(sid, route, 0).await?;
         let frames = frames
             .into_iter()

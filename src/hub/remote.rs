@@ -90,12 +90,12 @@ impl HubSide {
         hub: &Arc<Hub>,
         fabric: Fabric,
         usage: Usage,
+        inbox: Subscription,
         to_runtime: mpsc::Sender<Message>,
     ) -> (HubSide, oneshot::Receiver<()>) {
         let (appends, rx) = mpsc::channel(APPEND_QUEUE);
         let (fence_tx, fenced) = oneshot::channel();
         tokio::spawn(append(hub.clone(), fabric.clone(), rx, fence_tx));
-        let inbox = fabric.subscribe(&hub.session_id, &hub.route.name, false);
         let writes = tokio::spawn(serve_remote_owner(
             hub.clone(),
             fabric.clone(),

@@ -32,7 +32,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::{Client, Script, Value};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
 
 use super::conns::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
@@ -52,6 +52,10 @@ const KEEP: Duration = Duration::from_secs(24 * 3600);
 /// subscriber is told to re-sync from the stream instead.
 const INBOX: usize = 1024;
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(1);
+/// How long a new subscription may wait for the subscription task.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+/// (Un)subscriptions sent to Redis in one command at most.
+const CTL_BATCH: usize = 256;
 const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// A data frame as the store keeps it.
@@ -322,7 +326,8 @@ type Inboxes = HashMap<String, (u64, mpsc::Sender<Inbound>)>;
 
 /// Asks the subscription task to (un)subscribe a channel.
 enum Ctl {
-    Subscribe(String),
+    /// Answered once Redis confirmed the subscription.
+    Subscribe(String, oneshot::Sender<()>),
     Unsubscribe(String),
 }
 
@@ -361,11 +366,15 @@ impl Drop for Subscription {
             .is_some_and(|(t, _)| *t == self.token)
         {
             inboxes.remove(&self.channel);
-            let _ = self
-                .fabric
-                .0
-                .ctl
-                .try_send(Ctl::Unsubscribe(self.channel.clone()));
+            let ctl = self.fabric.0.ctl.clone();
+            if let Err(mpsc::error::TrySendError::Full(c)) =
+                ctl.try_send(Ctl::Unsubscribe(self.channel.clone()))
+            {
+                // A burst of subscriptions: wait for room off this thread.
+                tokio::spawn(async move {
+                    let _ = ctl.send(c).await;
+                });
+            }
         }
     }
 }
@@ -778,17 +787,35 @@ impl Fabric {
 
     /// Subscribes to the hub channel (`outbound = true`: what hubs send to
     /// viewports) or the hub's input channel of (session, route).
-    pub fn subscribe(&self, sid: &str, route: &str, outbound: bool) -> Subscription {
+    /// A store that does not take the request in [`SUBSCRIBE_WAIT`] is
+    /// away: the caller answers `503`.
+    pub async fn subscribe(
+        &self,
+        sid: &str,
+        route: &str,
+        outbound: bool,
+    ) -> Result<Subscription, StoreError> {
         let channel = self.key(if outbound { "hubout" } else { "hubin" }, sid, route);
         let (tx, rx) = mpsc::channel(INBOX);
         let token = self.0.next_token.fetch_add(1, Ordering::Relaxed) as u64;
         self.inboxes().insert(channel.clone(), (token, tx));
-        let _ = self.0.ctl.try_send(Ctl::Subscribe(channel.clone()));
-        Subscription {
+        let sub = Subscription {
             fabric: self.clone(),
-            channel,
+            channel: channel.clone(),
             token,
             rx,
+        };
+        // Returns once Redis confirmed: a hub must hear a remote owner's
+        // first frame, a mirror must not miss a frame between its stream
+        // read and the channel.
+        let (done, confirmed) = oneshot::channel();
+        let subscribed = async {
+            self.0.ctl.send(Ctl::Subscribe(channel, done)).await.ok()?;
+            confirmed.await.ok()
+        };
+        match timeout(SUBSCRIBE_WAIT, subscribed).await {
+            Ok(Some(())) => Ok(sub),
+            _ => Err(StoreError("redis hub subscribe: not confirmed".into())),
         }
     }
 }
@@ -880,7 +907,9 @@ impl FabricInner {
 /// A store that does not answer kills nobody.
 async fn check_watched(f: &FabricInner) {
     let names: Vec<String> = {
-        let w = f.watched.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = f.watched.lock().unwrap_or_else(|p| p.into_inner());
+        // Nobody waits for these any more.
+        w.retain(|_, tx| tx.receiver_count() > 0);
         w.keys().cloned().collect()
     };
     if names.is_empty() {
@@ -974,27 +1003,15 @@ async fn follow(
                 }
             }
             c = ctl.recv() => {
-                let c = c?;
-                let r = match &c {
-                    Ctl::Subscribe(ch) => {
-                        let r = timeout(RESPONSE_TIMEOUT, sink.subscribe(ch)).await;
-                        if matches!(r, Ok(Ok(()))) {
-                            // Anything published before the subscription took
-                            // effect is in the stream.
-                            let f = fabric.upgrade()?;
-                            let inboxes = f.inboxes.lock().unwrap_or_else(|p| p.into_inner());
-                            if let Some((_, tx)) = inboxes.get(ch) {
-                                let _ = tx.try_send(Inbound::Resync);
-                            }
-                        }
-                        r
+                let mut batch = vec![c?];
+                while batch.len() < CTL_BATCH {
+                    match ctl.try_recv() {
+                        Ok(c) => batch.push(c),
+                        Err(_) => break,
                     }
-                    Ctl::Unsubscribe(ch) => timeout(RESPONSE_TIMEOUT, sink.unsubscribe(ch)).await,
-                };
-                match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Some(describe("hub subscribe", &e)),
-                    Err(_) => return Some(StoreError("redis hub subscribe: timed out".into())),
+                }
+                if let Err(e) = apply(fabric, &mut sink, batch).await {
+                    return Some(e);
                 }
             }
             _ = ping.tick() => {
@@ -1006,6 +1023,59 @@ async fn follow(
             }
         }
     }
+}
+
+/// Sends a burst of (un)subscriptions as few commands as their order
+/// allows (runs of one kind), then tells new subscribers to re-sync:
+/// anything published before their subscription took effect is in the
+/// stream.
+async fn apply(
+    fabric: &Weak<FabricInner>,
+    sink: &mut redis::aio::PubSubSink,
+    batch: Vec<Ctl>,
+) -> Result<(), StoreError> {
+    type Run = (bool, Vec<String>, Vec<oneshot::Sender<()>>);
+    let mut runs: Vec<Run> = Vec::new();
+    for c in batch {
+        let (sub, ch, done) = match c {
+            Ctl::Subscribe(ch, done) => (true, ch, Some(done)),
+            Ctl::Unsubscribe(ch) => (false, ch, None),
+        };
+        match runs.last_mut() {
+            Some((kind, chs, dones)) if *kind == sub => {
+                chs.push(ch);
+                dones.extend(done);
+            }
+            _ => runs.push((sub, vec![ch], done.into_iter().collect())),
+        }
+    }
+    for (sub, channels, dones) in runs {
+        let r = if sub {
+            timeout(RESPONSE_TIMEOUT, sink.subscribe(&channels)).await
+        } else {
+            timeout(RESPONSE_TIMEOUT, sink.unsubscribe(&channels)).await
+        };
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(describe("hub subscribe", &e)),
+            Err(_) => return Err(StoreError("redis hub subscribe: timed out".into())),
+        }
+        if sub {
+            let Some(f) = fabric.upgrade() else {
+                return Ok(());
+            };
+            let inboxes = f.inboxes.lock().unwrap_or_else(|p| p.into_inner());
+            for ch in &channels {
+                if let Some((_, tx)) = inboxes.get(ch) {
+                    let _ = tx.try_send(Inbound::Resync);
+                }
+            }
+            for done in dones {
+                let _ = done.send(());
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
