@@ -10,78 +10,35 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use support::gateway::{Gateway, config, echo_route, route};
 use support::http::{login, request};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use support::pyws;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const WITHIN: Duration = Duration::from_secs(20);
 
-fn py_path() -> String {
-    std::env::var("PORTCULLIS_PY_PATH").unwrap_or_else(|_| "/tmp/deflate-py".into())
-}
-
-fn script(name: &str) -> String {
-    format!(
-        "{}/tests/support/deflate/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
 async fn have_websockets() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import websockets.client"])
-        .env("PYTHONPATH", py_path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .is_ok_and(|s| s.success());
+    let ok = pyws::available().await;
     if !ok {
         assert!(
             std::env::var_os("PORTCULLIS_REQUIRE_DEFLATE").is_none(),
             "PORTCULLIS_REQUIRE_DEFLATE is set but python3 cannot import websockets from {}",
-            py_path()
+            pyws::py_path()
         );
         eprintln!("skipped: python3 cannot import websockets (PORTCULLIS_PY_PATH)");
     }
     ok
 }
 
-/// The Python echo runtime, its port, and its stdout (one JSON line per
-/// connection with the offer it received).
-async fn python_runtime() -> (
-    Child,
-    u16,
-    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-) {
-    let mut child = Command::new("python3")
-        .arg(script("runtime.py"))
-        .env("PYTHONPATH", py_path())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3 runs");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let port = tokio::time::timeout(WITHIN, lines.next_line())
-        .await
-        .expect("runtime prints its port in time")
-        .unwrap()
-        .expect("a port line")
-        .parse()
-        .unwrap();
-    (child, port, lines)
-}
-
 async fn python_client(gw: &Gateway, token: &str, deflate: bool, n: usize) -> serde_json::Value {
     let out = tokio::time::timeout(
         WITHIN,
         Command::new("python3")
-            .arg(script("client.py"))
+            .arg(pyws::script("client.py"))
             .args([
                 gw.addr.to_string(),
                 "/ws/echo".into(),
@@ -89,7 +46,7 @@ async fn python_client(gw: &Gateway, token: &str, deflate: bool, n: usize) -> se
                 if deflate { "1" } else { "0" }.into(),
                 n.to_string(),
             ])
-            .env("PYTHONPATH", py_path())
+            .env("PYTHONPATH", pyws::py_path())
             .kill_on_drop(true)
             .output(),
     )
@@ -104,23 +61,12 @@ async fn python_client(gw: &Gateway, token: &str, deflate: bool, n: usize) -> se
     serde_json::from_slice(&out.stdout).expect("client prints JSON")
 }
 
-async fn next_offer(
-    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-) -> serde_json::Value {
-    let line = tokio::time::timeout(WITHIN, lines.next_line())
-        .await
-        .expect("runtime reports the connection in time")
-        .unwrap()
-        .expect("a line");
-    serde_json::from_str(&line).unwrap()
-}
-
 #[tokio::test]
 async fn deflate_is_negotiated_end_to_end_and_shrinks_the_wire() {
     if !have_websockets().await {
         return;
     }
-    let (_rt, port, mut lines) = python_runtime().await;
+    let (_rt, port, mut lines) = pyws::runtime(true).await;
     let upstream = format!("ws://127.0.0.1:{port}/");
     let gw = Gateway::start(
         "",
@@ -142,7 +88,7 @@ async fn deflate_is_negotiated_end_to_end_and_shrinks_the_wire() {
         wire * 10 < N,
         "{wire} bytes on the wire for a {N}-byte repetitive message"
     );
-    let offer = next_offer(&mut lines).await;
+    let offer = pyws::next_offer(&mut lines).await;
     assert!(
         offer["offer"]
             .as_str()
@@ -157,7 +103,7 @@ async fn deflate_is_negotiated_end_to_end_and_shrinks_the_wire() {
     assert_eq!(r["extensions"], serde_json::Value::Null, "{r}");
     assert_eq!(r["echoed"], true, "{r}");
     assert!(r["wire_bytes"].as_u64().unwrap() as usize >= N, "{r}");
-    let offer = next_offer(&mut lines).await;
+    let offer = pyws::next_offer(&mut lines).await;
     assert_eq!(offer["offer"], serde_json::Value::Null, "{offer}");
 }
 
@@ -166,7 +112,7 @@ async fn shared_routes_strip_the_offer() {
     if !have_websockets().await {
         return;
     }
-    let (_rt, port, mut lines) = python_runtime().await;
+    let (_rt, port, mut lines) = pyws::runtime(true).await;
     let upstream = format!("ws://127.0.0.1:{port}/");
     let gw = Gateway::start(
         "",
@@ -179,7 +125,7 @@ async fn shared_routes_strip_the_offer() {
     let r = python_client(&gw, &token, true, 1000).await;
     assert_eq!(r["status"], 101, "{r}");
     assert_eq!(r["extensions"], serde_json::Value::Null, "{r}");
-    let offer = next_offer(&mut lines).await;
+    let offer = pyws::next_offer(&mut lines).await;
     assert_eq!(offer["offer"], serde_json::Value::Null, "{offer}");
 }
 
@@ -287,7 +233,7 @@ async fn injected_closes_are_uncompressed_on_a_deflate_connection() {
     if !have_websockets().await {
         return;
     }
-    let (_rt, port, mut lines) = python_runtime().await;
+    let (_rt, port, mut lines) = pyws::runtime(true).await;
     let upstream = format!("ws://127.0.0.1:{port}/");
     let gw = Gateway::start(
         "",
@@ -319,7 +265,7 @@ async fn injected_closes_are_uncompressed_on_a_deflate_connection() {
         resp.contains("sec-websocket-extensions: permessage-deflate"),
         "{resp}"
     );
-    next_offer(&mut lines).await;
+    pyws::next_offer(&mut lines).await;
     // A binary message of 2000 bytes (over the 1024 limit), masked with a
     // zero key so the payload is sent as is.
     let mut frame = vec![0x82, 0x80 | 126];

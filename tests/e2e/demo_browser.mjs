@@ -1,7 +1,8 @@
 // End-to-end check of the `portcullis demo` page in a real headless Chromium.
 //
-// See tests/e2e/README.md for setup. In short:
-//   PLAYWRIGHT_DIR=/tmp/e2e node tests/e2e/demo_browser.mjs
+// Run by tests/demo_browser.rs in `cargo test`. See tests/e2e/README.md for
+// setup. By hand:
+//   PLAYWRIGHT_DIR=target/e2e node tests/e2e/demo_browser.mjs
 //
 // Environment:
 //   PLAYWRIGHT_DIR   directory whose node_modules holds playwright-core (default /tmp/e2e)

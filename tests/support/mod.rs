@@ -3,9 +3,12 @@
 //! over real sockets.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod gateway;
 pub mod http;
+pub mod pyws;
 pub mod redis;
+pub mod tap;
 pub mod upstream;
 pub mod wait;
 pub mod ws;

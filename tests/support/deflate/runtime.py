@@ -1,7 +1,7 @@
 """An echo runtime on 127.0.0.1:0 built on the `websockets` library, which
-negotiates permessage-deflate (RFC 7692) by default. Prints its port, then
-for every connection a JSON line with the Sec-WebSocket-Extensions request
-header it received."""
+negotiates permessage-deflate (RFC 7692) by default (`--no-deflate`: it
+declines every offer). Prints its port, then for every connection a JSON
+line with the Sec-WebSocket-Extensions request header it received."""
 import asyncio
 import json
 import sys
@@ -21,7 +21,10 @@ async def echo(ws):
 
 
 async def main():
-    async with serve(echo, "127.0.0.1", 0, max_size=None) as server:
+    compression = None if "--no-deflate" in sys.argv[1:] else "deflate"
+    async with serve(
+        echo, "127.0.0.1", 0, max_size=None, compression=compression
+    ) as server:
         port = server.sockets[0].getsockname()[1]
         print(port, flush=True)
         await asyncio.Event().wait()
