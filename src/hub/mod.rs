@@ -277,7 +277,9 @@ impl Hub {
         fabric.beat_now().await?;
         let mut dead: Option<String> = None;
         loop {
-            let placement = fabric.claim_hub(sid, route, dead.as_deref()).await?;
+            let placement = fabric
+                .claim_hub(sid, route, self.id.0, dead.as_deref())
+                .await?;
             tracing::debug!(session = %sid, route = %route, ?placement, "hub placement");
             match placement {
                 Placement::Mine { frames, next } => {
@@ -286,7 +288,7 @@ impl Hub {
                         .filter_map(|(seq, f)| remote::to_message(f).map(|m| (seq, m)));
                     self.ring().preload(frames, next);
                     let Some(d) = dial().await else {
-                        let _ = fabric.release_hub(sid, route).await;
+                        let _ = fabric.release_hub(sid, route, self.id.0).await;
                         return Err(AttachError::Upstream);
                     };
                     // Listen for remote owners before any instance can
@@ -294,12 +296,16 @@ impl Hub {
                     let inbox = match fabric.subscribe(sid, route, false).await {
                         Ok(inbox) => inbox,
                         Err(e) => {
-                            let _ = fabric.release_hub(sid, route).await;
+                            let _ = fabric.release_hub(sid, route, self.id.0).await;
                             return Err(e.into());
                         }
                     };
                     let protocol = d.protocol.as_ref().and_then(|p| p.to_str().ok());
-                    fabric.link_hub(sid, route, protocol).await?;
+                    if !fabric.link_hub(sid, route, self.id.0, protocol).await? {
+                        // Taken over while dialling (this instance was
+                        // thought dead): the runtime socket just closes.
+                        return Err(AttachError::Upstream);
+                    }
                     let shared = (fabric.clone(), usage, inbox);
                     let link = self.start_runtime(hubs, expires_at, d, Some(shared)).await;
                     return Ok(link);

@@ -127,7 +127,7 @@ impl HubSide {
         let (sid, route) = (&hub.session_id, &hub.route.name);
         let _ = tokio::time::timeout(STORE_WAIT, async {
             let _ = self.fabric.publish_end(sid, route, c.code, &c.reason).await;
-            let _ = self.fabric.release_hub(sid, route).await;
+            let _ = self.fabric.release_hub(sid, route, hub.id.0).await;
         })
         .await;
     }

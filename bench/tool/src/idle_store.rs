@@ -54,7 +54,7 @@ pub struct IdleStoreArgs {
 
 /// Redis's `total_commands_processed`, read over a fresh connection with
 /// one inline `INFO stats` (which itself counts as one command).
-async fn commands_processed(addr: &str) -> Result<u64> {
+pub(crate) async fn commands_processed(addr: &str) -> Result<u64> {
     let read = async {
         let stream = TcpStream::connect(addr).await?;
         let mut stream = BufReader::new(stream);
@@ -81,7 +81,7 @@ async fn commands_processed(addr: &str) -> Result<u64> {
 
 /// `n` session tokens of one user, from `POST /api/session/create` over a
 /// few keep-alive connections (no password hashing per session).
-async fn sessions(base: &str, token: &str, n: usize) -> Result<Vec<String>> {
+pub(crate) async fn sessions(base: &str, token: &str, n: usize) -> Result<Vec<String>> {
     const CONNECTIONS: usize = 4;
     let per = n.div_ceil(CONNECTIONS);
     let batches = futures_util::future::try_join_all((0..CONNECTIONS).map(|c| async move {

@@ -13,10 +13,13 @@
 //! - `rtt`, `stream`, `churn`, `hold`: WebSocket workloads against one target.
 //! - `login`, `verify`: the gateway's HTTP API under load.
 //! - `idle-store`: Redis commands per idle socket per second (`idle_store`).
+//! - `instances latency|fanout|memory|failover`: shared sessions across
+//!   gateways (`instances`).
 //! - `free-port`, `report`: helpers for the script (free ports; medians of the
 //!   JSON lines as a markdown table).
 
 mod idle_store;
+mod instances;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -90,6 +93,9 @@ enum Command {
     /// Shared route: detach, then reattach with resume_from; time to the
     /// first replayed frame.
     Resume(ResumeArgs),
+    /// Shared sessions across gateways on one Redis (SPEC §8).
+    #[command(subcommand)]
+    Instances(instances::InstancesCmd),
     /// Print N currently free loopback ports, one per line.
     FreePort {
         #[arg(long, default_value_t = 1)]
@@ -291,6 +297,7 @@ fn main() -> std::process::ExitCode {
                     Command::Fanout(a) => fanout(a).await,
                     Command::IdleStore(a) => idle_store::idle_store(a).await,
                     Command::Resume(a) => resume_bench(a).await,
+                    Command::Instances(c) => instances::run(c).await,
                     Command::FreePort { .. } | Command::Report { .. } => unreachable!(),
                 }
             })

@@ -118,18 +118,20 @@ if ARGV[3] ~= '' then
   end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'inst', ARGV[1], 'linked', '0')
+redis.call('HSET', KEYS[1], 'inst', ARGV[1], 'hub', ARGV[4], 'linked', '0')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1}
 "#,
     )
 });
 
-/// Releases the hub if this instance still holds it.
+/// Releases the hub if this hub (instance and hub id: a newer hub of the
+/// same instance may have claimed it meanwhile) still holds it.
 static RELEASE_HUB: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('HGET', KEYS[1], 'inst') == ARGV[1] then
+local h = redis.call('HMGET', KEYS[1], 'inst', 'hub')
+if h[1] == ARGV[1] and h[2] == ARGV[2] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -141,7 +143,8 @@ return 0
 static LINK_HUB: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if redis.call('HGET', KEYS[1], 'inst') ~= ARGV[1] then return 0 end
+local h = redis.call('HMGET', KEYS[1], 'inst', 'hub')
+if h[1] ~= ARGV[1] or h[2] ~= ARGV[3] then return 0 end
 redis.call('HSET', KEYS[1], 'linked', '1', 'proto', ARGV[2])
 return 1
 "#,
@@ -450,6 +453,7 @@ impl Fabric {
         &self,
         sid: &str,
         route: &str,
+        hub: u64,
         dead: Option<&str>,
     ) -> Result<Placement, StoreError> {
         let mut inv = CLAIM_HUB.prepare_invoke();
@@ -458,7 +462,8 @@ impl Fabric {
             .key(self.key("owner", sid, route))
             .arg(self.instance())
             .arg(ms(KEEP))
-            .arg(dead.unwrap_or(""));
+            .arg(dead.unwrap_or(""))
+            .arg(hub);
         let answer: Vec<Value> = self.eval("claim hub", &inv).await?;
         let text = |v: Option<&Value>| -> String {
             v.and_then(|v| redis::from_redis_value::<String>(v).ok())
@@ -476,17 +481,20 @@ impl Fabric {
         })
     }
 
+    /// `false` when the hub is no longer this one's (taken over).
     pub async fn link_hub(
         &self,
         sid: &str,
         route: &str,
+        hub: u64,
         protocol: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut inv = LINK_HUB.prepare_invoke();
         inv.key(self.key("hub", sid, route))
             .arg(self.instance())
-            .arg(protocol.unwrap_or(""));
-        self.eval::<i64>("link hub", &inv).await.map(|_| ())
+            .arg(protocol.unwrap_or(""))
+            .arg(hub);
+        Ok(self.eval::<i64>("link hub", &inv).await? == 1)
     }
 
     /// The instance holding the hub of (session, route), if any.
@@ -505,9 +513,11 @@ impl Fabric {
             .await
     }
 
-    pub async fn release_hub(&self, sid: &str, route: &str) -> Result<(), StoreError> {
+    pub async fn release_hub(&self, sid: &str, route: &str, hub: u64) -> Result<(), StoreError> {
         let mut inv = RELEASE_HUB.prepare_invoke();
-        inv.key(self.key("hub", sid, route)).arg(self.instance());
+        inv.key(self.key("hub", sid, route))
+            .arg(self.instance())
+            .arg(hub);
         self.eval::<i64>("release hub", &inv).await.map(|_| ())
     }
 
