@@ -16,13 +16,15 @@
 //!    a refusal is logged and counted.
 //! 4. [`app`]: the composition root, every part built once from config.
 //! 5. [`gate`]: the ordered upgrade checks of SPEC §6 and the hand-over.
-//! 6. [`hub`]: shared sessions (SPEC §7): one runtime connection per
-//!    (session, route), owner/reader viewports, the replay ring.
+//! 6. [`hub`]: shared sessions (SPEC §7, §8): one runtime connection per
+//!    (session, route) in the whole deployment, owner/reader viewports, the
+//!    replay ring; on the Redis store, mirrors of hubs held elsewhere.
 //! 7. [`proxy`]: dialling a runtime and relaying bytes (exclusive mode).
 //! 8. [`sockets`]: the life of an open socket: registry, leases, the task
 //!    epilogue, every close code.
 //! 9. [`error`]: the one refusal type and its HTTP response.
-//! 10. [`session`] (stores), [`token`] (JWTs, where a token comes from),
+//! 10. [`session`] (stores, and the Redis fabric instances coordinate
+//!     shared sessions on), [`token`] (JWTs, where a token comes from),
 //!     [`auth`] (login backends, rate limit), [`routing`] (route table,
 //!     balancing).
 //! 11. [`config`]: the TOML tree, defaults, `validate()`.
