@@ -10,25 +10,14 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
-use support::gateway::{Gateway, config, route};
+use support::gateway::{Gateway, config};
 use support::http::{self as api, Login, login};
 use support::redis::RedisServer;
 use support::upstream::{Event, Upstream};
+use support::viewports::{NOT_OWNED, shared_route, text};
 use support::wait::eventually;
 use support::ws::{self, Ws, expect_close};
 use tokio_tungstenite::tungstenite::Message;
-
-const NOT_OWNED: &str =
-    r#"{"type":"error","code":"session_not_owned","message":"Session is owned by another client"}"#;
-
-fn shared_route(up: &Upstream, extra: &str) -> String {
-    route(
-        "agent",
-        "/ws/agent",
-        &[&up.url("/agent")],
-        &format!("mode = \"shared\"\n{extra}"),
-    )
-}
 
 /// `n` gateways on `redis`, all with the same shared route.
 fn gateways(n: usize, redis: &RedisServer, up: &Upstream, extra: &str) -> Vec<Gateway> {
@@ -65,13 +54,6 @@ async fn viewport(gw: &Gateway, s: &Login, resume_from: Option<u64>) -> View {
         resume: h
             .get("portcullis-resume")
             .map(|v| v.to_str().unwrap().to_string()),
-    }
-}
-
-async fn text(sock: &mut Ws) -> String {
-    match ws::next(sock).await {
-        Message::Text(t) => t.to_string(),
-        other => panic!("expected text, got {other:?}"),
     }
 }
 

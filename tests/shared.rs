@@ -7,26 +7,14 @@ mod support;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use support::gateway::{Gateway, config, route};
+use support::gateway::{Gateway, config};
 use support::http::{self as api, Login, login};
 use support::redis::RedisServer;
 use support::upstream::{Event, Upstream};
+use support::viewports::{NOT_OWNED, shared_route, text};
 use support::wait::eventually;
 use support::ws::{self, Ws, expect_close};
 use tokio_tungstenite::tungstenite::Message;
-
-const NOT_OWNED: &str =
-    r#"{"type":"error","code":"session_not_owned","message":"Session is owned by another client"}"#;
-
-/// The shared route `agent` on `/ws/agent`, with `extra` keys.
-fn shared_route(up: &Upstream, extra: &str) -> String {
-    route(
-        "agent",
-        "/ws/agent",
-        &[&up.url("/agent")],
-        &format!("mode = \"shared\"\n{extra}"),
-    )
-}
 
 async fn session(gw: &Gateway) -> Login {
     login(gw.addr, "alice").await
@@ -50,13 +38,6 @@ async fn viewport(
         .get("portcullis-resume")
         .map(|v| v.to_str().unwrap().to_string());
     (sock, role, seq, resume)
-}
-
-async fn text(sock: &mut Ws) -> String {
-    match ws::next(sock).await {
-        Message::Text(t) => t.to_string(),
-        other => panic!("expected text, got {other:?}"),
-    }
 }
 
 async fn state(gw: &Gateway, s: &Login) -> serde_json::Value {

@@ -10,6 +10,7 @@ pub mod pyws;
 pub mod redis;
 pub mod tap;
 pub mod upstream;
+pub mod viewports;
 pub mod wait;
 pub mod ws;
 
