@@ -734,12 +734,14 @@ async fn run(
             _ = hub.viewports_changed.notified() => {}
             _ = fenced => break Stop::Gateway(close::SERVICE_RESTART.into()),
             _ = attachment.check_due() => {
+                // Boxed: a rare look that should not grow every hub's task.
                 let remote = match &side {
-                    Some(s) => s
-                        .fabric
-                        .viewports_elsewhere(&hub.session_id, &hub.route.name)
-                        .await
-                        .unwrap_or(1),
+                    Some(s) => Box::pin(
+                        s.fabric
+                            .viewports_elsewhere(&hub.session_id, &hub.route.name),
+                    )
+                    .await
+                    .unwrap_or(1),
                     None => 0,
                 };
                 match attachment.after_check(remote, grace) {

@@ -262,7 +262,7 @@ pub async fn mirror(hub: Arc<Hub>, hubs: Hubs, m: Mirror, close_rx: CloseRx) {
     let end = loop {
         tokio::select! {
             m = outbox.rx.recv() => match m {
-                Some(Inbound::Frames { first, frames }) => follow(&hub, &fabric, first, frames).await,
+                Some(Inbound::Frames { first, frames }) => on_frames(&hub, &fabric, first, frames).await,
                 Some(Inbound::End { code, reason }) => break MirrorEnd::Close(HubClose { code, reason: reason.into() }),
                 Some(Inbound::Ack { instance, n }) => {
                     if instance == fabric.instance() {
@@ -271,10 +271,9 @@ pub async fn mirror(hub: Arc<Hub>, hubs: Hubs, m: Mirror, close_rx: CloseRx) {
                 }
                 Some(Inbound::Write { .. }) => {}
                 Some(Inbound::Resync) => {
-                    let next = hub.ring().next_seq();
-                    follow(&hub, &fabric, next, Vec::new()).await;
+                    Box::pin(catch_up(&hub, &fabric, Vec::new())).await;
                     // Missed the hub's end while away: the placement says.
-                    match fabric.hub_holder(&hub.session_id, &hub.route.name).await {
+                    match Box::pin(fabric.hub_holder(&hub.session_id, &hub.route.name)).await {
                         Ok(Some(h)) if h == holder => {}
                         Ok(_) => break MirrorEnd::Close(close::SERVICE_RESTART.into()),
                         Err(_) => {}
@@ -313,27 +312,40 @@ pub async fn mirror(hub: Arc<Hub>, hubs: Hubs, m: Mirror, close_rx: CloseRx) {
 }
 
 /// Puts frames `first…` into the mirror's ring: what it already has is
-/// skipped, a gap is read from the stream, and what the stream no longer
-/// holds is skipped over (viewports behind it lag out, `1013`).
-async fn follow(hub: &Hub, fabric: &Fabric, first: u64, frames: Vec<Frame>) {
-    let next = hub.ring().next_seq();
-    let mut frames: Vec<(u64, Frame)> = frames
+/// skipped, a gap is read from the stream first, and what the stream no
+/// longer holds is skipped over (viewports behind it lag out, `1013`).
+/// Frames that continue the ring go straight in; the stream read is boxed,
+/// so the rare path does not grow every mirror's task.
+async fn on_frames(hub: &Hub, fabric: &Fabric, first: u64, frames: Vec<Frame>) {
+    let numbered = frames
         .into_iter()
         .enumerate()
         .map(|(i, f)| (first + i as u64, f))
-        .collect();
-    if first > next || frames.is_empty() {
-        // Missed something (or asked to re-sync): the stream has it.
-        if let Ok((kept, _)) = fabric
-            .frames_from(&hub.session_id, &hub.route.name, next)
-            .await
-        {
-            let mut merged: Vec<(u64, Frame)> = kept;
-            let last = merged.last().map_or(0, |(s, _)| s + 1);
-            merged.extend(frames.into_iter().filter(|(s, _)| *s >= last));
-            frames = merged;
-        }
+        .collect::<Vec<_>>();
+    if first <= hub.ring().next_seq() && !numbered.is_empty() {
+        apply(hub, numbered);
+    } else {
+        Box::pin(catch_up(hub, fabric, numbered)).await;
     }
+}
+
+/// Reads what the ring lacks from the stream, then applies it and `later`.
+async fn catch_up(hub: &Hub, fabric: &Fabric, later: Vec<(u64, Frame)>) {
+    let next = hub.ring().next_seq();
+    let mut frames = later;
+    if let Ok((kept, _)) = fabric
+        .frames_from(&hub.session_id, &hub.route.name, next)
+        .await
+    {
+        let last = kept.last().map_or(0, |(s, _)| s + 1);
+        let mut merged = kept;
+        merged.extend(frames.into_iter().filter(|(s, _)| *s >= last));
+        frames = merged;
+    }
+    apply(hub, frames);
+}
+
+fn apply(hub: &Hub, frames: Vec<(u64, Frame)>) {
     let seq = {
         let mut ring = hub.ring();
         for (seq, f) in frames {
@@ -344,10 +356,9 @@ async fn follow(hub: &Hub, fabric: &Fabric, first: u64, frames: Vec<Frame>) {
             if seq > expected {
                 ring.skip_to(seq);
             }
-            if let Some(m) = to_message(f) {
-                ring.push(m);
-            } else {
-                ring.skip_to(seq + 1);
+            match to_message(f) {
+                Some(m) => ring.push(m),
+                None => ring.skip_to(seq + 1),
             }
         }
         ring.next_seq()
