@@ -24,7 +24,7 @@
 //! 9. [`error`]: the one refusal type and its HTTP response.
 //! 10. [`session`] (stores), [`token`] (JWTs, where a token comes from),
 //!     [`auth`] (login backends, rate limit), [`routing`] (route table,
-//!     balancing).
+//!     balancing), [`hooks`] (signed session hooks to the runtime).
 //! 11. [`config`]: the TOML tree, defaults, `validate()`.
 //! 12. [`formats`]: the syntax of what config names (route paths, argon2id
 //!     hashes, private-key PEMs), read once for config's checks and for the
@@ -45,6 +45,7 @@ pub mod demo;
 pub mod error;
 pub mod formats;
 pub mod gate;
+pub mod hooks;
 pub mod http;
 pub mod hub;
 pub mod ids;
