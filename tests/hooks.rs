@@ -59,6 +59,8 @@ struct Runtime {
     refuse_user: Arc<Mutex<Option<String>>>,
     /// Every `on_end` is answered 500 while set.
     fail_end: Arc<AtomicBool>,
+    /// `on_create` for this user is recorded, then never answered.
+    hang_user: Arc<Mutex<Option<String>>>,
 }
 
 impl Runtime {
@@ -70,16 +72,23 @@ impl Runtime {
         let tx = Arc::new(tx);
         let refuse_user = Arc::new(Mutex::new(None::<String>));
         let fail_end = Arc::new(AtomicBool::new(false));
-        let (h, r, f) = (hits.clone(), refuse_user.clone(), fail_end.clone());
+        let hang_user = Arc::new(Mutex::new(None::<String>));
+        let (h, r, f, g) = (
+            hits.clone(),
+            refuse_user.clone(),
+            fail_end.clone(),
+            hang_user.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (h, r, f, tx) = (h.clone(), r.clone(), f.clone(), tx.clone());
+                let (h, r, f, g, tx) = (h.clone(), r.clone(), f.clone(), g.clone(), tx.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (h, r, f, tx) = (h.clone(), r.clone(), f.clone(), tx.clone());
+                        let (h, r, f, g, tx) =
+                            (h.clone(), r.clone(), f.clone(), g.clone(), tx.clone());
                         async move {
                             let path = req.uri().path().to_string();
                             let signature = req
@@ -96,6 +105,8 @@ impl Runtime {
                             } else {
                                 r.lock().unwrap().as_deref() != body["user"].as_str()
                             };
+                            let hang = !path.ends_with("/end")
+                                && g.lock().unwrap().as_deref() == body["user"].as_str();
                             h.lock().unwrap().push(Hit {
                                 path,
                                 body,
@@ -104,6 +115,9 @@ impl Runtime {
                                 accepted,
                             });
                             tx.send_modify(|n| *n += 1);
+                            if hang {
+                                std::future::pending::<()>().await;
+                            }
                             let status = if accepted { 204 } else { 403 };
                             let status = if !accepted && f.load(Ordering::SeqCst) {
                                 500
@@ -130,6 +144,7 @@ impl Runtime {
             changed,
             refuse_user,
             fail_end,
+            hang_user,
         }
     }
 
@@ -179,9 +194,18 @@ impl Runtime {
 }
 
 fn start_gateway(store: Option<&str>, session_keys: &str, rt: &Runtime) -> Gateway {
+    start_gateway_timeout(store, session_keys, rt, 2000)
+}
+
+fn start_gateway_timeout(
+    store: Option<&str>,
+    session_keys: &str,
+    rt: &Runtime,
+    timeout_ms: u64,
+) -> Gateway {
     let toml = config_with(
         store,
-        &format!("{session_keys}\n{}", rt.hooks_table(2000)),
+        &format!("{session_keys}\n{}", rt.hooks_table(timeout_ms)),
         &static_auth(""),
         "",
     );
@@ -362,4 +386,58 @@ async fn a_pending_on_end_survives_a_sigkill_and_arrives_after_restart() {
     .await;
     let _ = &mut c;
     drop(gw);
+}
+
+#[tokio::test]
+async fn an_unanswered_on_create_refuses_the_login_within_the_timeout() {
+    let redis = RedisServer::start().await;
+    let rt = Runtime::start().await;
+    *rt.hang_user.lock().unwrap() = Some("bob".into());
+    let gw = start_gateway_timeout(Some(&redis.url()), "", &rt, 300);
+    let started = std::time::Instant::now();
+    let r = try_login(gw.addr, "bob", support::gateway::PASSWORD).await;
+    assert_error(&r, 502, "runtime_refused_session");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(session_keys(&redis).await.is_empty());
+}
+
+/// The gateway dies while the runtime has not answered `on_create`: the
+/// session it wrote is pending (no token exists for it) and leaves the
+/// store on its own within the hook timeout plus a few seconds; the
+/// runtime, which did hear of it, is then told it expired.
+#[tokio::test]
+async fn a_gateway_killed_during_on_create_leaves_no_usable_session() {
+    let redis = RedisServer::start().await;
+    let rt = Runtime::start().await;
+    *rt.hang_user.lock().unwrap() = Some("bob".into());
+    let mut gw = start_gateway_timeout(Some(&redis.url()), "", &rt, 1000);
+    let addr = gw.addr;
+    let pending_login =
+        tokio::spawn(async move { try_login(addr, "bob", support::gateway::PASSWORD).await });
+    let hit = rt
+        .wait_for("bob's on_create", |h| h.body["user"] == "bob")
+        .await;
+    let sid = hit.body["session_id"].as_str().unwrap().to_string();
+    gw.signal("KILL");
+    gw.wait_exit(WITHIN).await;
+    let _ = pending_login.await; // the connection died with the gateway
+
+    // Pending: its TTL is the hook timeout plus the margin, not ttl_secs.
+    let mut c = redis.client().await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("pt:session:{{{sid}}}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!((0..=6_000).contains(&pttl), "pending session PTTL {pttl}");
+
+    *rt.hang_user.lock().unwrap() = None;
+    let _gw = start_gateway_timeout(Some(&redis.url()), "", &rt, 1000);
+    let ended = rt.wait_end("on_end for the pending session", &sid).await;
+    assert_eq!(ended.body["reason"], "expired");
+    assert!(session_keys(&redis).await.is_empty());
 }
