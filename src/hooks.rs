@@ -213,4 +213,14 @@ mod tests {
         assert!(!verify(secret, body, "zz"));
         assert!(!verify(secret, body, ""));
     }
+
+    /// RFC 4231-style known answer (the value every HMAC library gives), so
+    /// a runtime's check in any language agrees with the header.
+    #[test]
+    fn signature_is_lowercase_hex_hmac_sha256() {
+        assert_eq!(
+            sign(b"key", b"The quick brown fox jumps over the lazy dog"),
+            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+        );
+    }
 }
