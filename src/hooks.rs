@@ -17,12 +17,8 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use ring::hmac;
 use serde::Serialize;
-use tokio::net::TcpStream;
 use url::Url;
 
 use crate::config::{HooksConfig, Secret};
@@ -158,38 +154,13 @@ fn body<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("a struct of strings serialises")
 }
 
-/// One POST on a fresh connection (hooks are rare: one per session start
-/// and end), the whole exchange bounded by the caller's timeout.
+/// One signed POST; `Ok` only on a `2xx`. The answer's body means nothing:
+/// the connection is dropped unread (one connection per hook).
 async fn send(url: &Url, body: Vec<u8>, signature: &str) -> Result<(), HookError> {
-    let unreachable = |e: &dyn std::fmt::Display| HookError::Unreachable(e.to_string());
-    let host = url.host_str().ok_or_else(|| unreachable(&"no host"))?;
-    // `host_str` keeps an IPv6 literal's brackets, which no resolver takes.
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = url.port_or_known_default().unwrap_or(80);
-    let stream = TcpStream::connect((host, port))
+    let resp = crate::outbound::post_json(url, &[(SIGNATURE_HEADER, signature)], body)
         .await
-        .map_err(|e| unreachable(&e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| unreachable(&e))?;
-    tokio::spawn(conn);
-    let path = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_string(),
-    };
-    let req = http::Request::post(path)
-        .header(http::header::HOST, url.authority())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(SIGNATURE_HEADER, signature)
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| unreachable(&e))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| unreachable(&e))?;
+        .map_err(|e| HookError::Unreachable(e.to_string()))?;
     let status = resp.status();
-    // The answer's body means nothing: the connection is dropped unread
-    // (one connection per hook, so nothing is left half-read for reuse).
     if status.is_success() {
         Ok(())
     } else {

@@ -29,7 +29,8 @@
 //! 12. [`formats`]: the syntax of what config names (route paths, argon2id
 //!     hashes, private-key PEMs), read once for config's checks and for the
 //!     layers that use them.
-//! 13. [`ids`], [`time`], [`telemetry`], [`shutdown`]: leaves.
+//! 13. [`ids`], [`time`], [`telemetry`], [`shutdown`], [`outbound`] (one
+//!     JSON POST to a service the config names): leaves.
 //!
 //! Why this order: data flows down it. A request enters at the server, is
 //! dispatched by `http`, admitted by the `gate`, and its socket then lives
@@ -50,6 +51,7 @@ pub mod http;
 pub mod hub;
 pub mod ids;
 pub mod maintenance;
+pub mod outbound;
 pub mod proxy;
 pub mod routing;
 pub mod server;

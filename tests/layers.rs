@@ -20,7 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["session", "token", "auth", "routing", "hooks"],
     &["config"],
     &["formats"],
-    &["ids", "time", "telemetry", "shutdown"],
+    &["ids", "time", "telemetry", "shutdown", "outbound"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
