@@ -28,7 +28,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r REDIS_PORT G1 G2 < <("$BENCH" free-port --count 3 | tr '\n' ' ')
+mapfile -t PORTS < <("$BENCH" free-port --count 3)
+REDIS_PORT=${PORTS[0]} G1=${PORTS[1]} G2=${PORTS[2]}
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
 PIDS+=($!)
 
