@@ -441,3 +441,37 @@ async fn a_gateway_killed_during_on_create_leaves_no_usable_session() {
     assert_eq!(ended.body["reason"], "expired");
     assert!(session_keys(&redis).await.is_empty());
 }
+
+/// Two instances on one Redis, no leader: each end is claimed by one of
+/// them and reported once (at least once is the promise; a claim's
+/// visibility outlasting the hook timeout makes it once in practice).
+#[tokio::test]
+async fn two_instances_report_each_end_once() {
+    let redis = RedisServer::start().await;
+    let rt = Runtime::start().await;
+    let a = start_gateway(Some(&redis.url()), "ttl_secs = 2", &rt);
+    let b = start_gateway(Some(&redis.url()), "ttl_secs = 2", &rt);
+    let alice = login(a.addr, "alice").await;
+    let bob = login(b.addr, "bob").await; // left to expire
+    // Logged out on the other instance than the one it was made on.
+    assert_eq!(api::logout(b.addr, &alice.token).await.status, 204);
+    let logout = rt.wait_end("on_end logout", &alice.sid).await;
+    assert_eq!(logout.body["reason"], "logout");
+    let expired = rt.wait_end("on_end expired", &bob.sid).await;
+    assert_eq!(expired.body["reason"], "expired");
+    // Both instances keep polling for a while: still one report each.
+    let mut rx = rt.changed.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            rx.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert_eq!(
+        rt.ends_of(&alice.sid).len(),
+        1,
+        "{:?}",
+        rt.ends_of(&alice.sid)
+    );
+    assert_eq!(rt.ends_of(&bob.sid).len(), 1, "{:?}", rt.ends_of(&bob.sid));
+}
