@@ -9,9 +9,10 @@ use crate::auth::Authenticator;
 use crate::auth::ratelimit::LoginLimiter;
 use crate::config::{Config, Loaded, StoreKind};
 use crate::gate::Gate;
+use crate::hooks::Hooks;
 use crate::hub::Hubs;
 use crate::routing::{Route, RouteTable};
-use crate::session::{MemoryStore, RedisStore, Store, StoreError, UserLimit};
+use crate::session::{MemoryStore, Outbox, RedisStore, Store, StoreError, UserLimit};
 use crate::shutdown::Shutdown;
 use crate::sockets::Sockets;
 use crate::telemetry::Metrics;
@@ -39,13 +40,35 @@ pub struct App {
     pub(crate) hubs: Hubs,
     /// The upgrade checks of SPEC §6 and the hand-over.
     pub(crate) gate: Gate,
+    /// `[sessions.hooks]`, when configured (SPEC §11).
+    pub(crate) hooks: Option<Arc<Hooks>>,
+    /// The durable `on_end` queue and expiry index; only with `on_end`.
+    pub(crate) outbox: Option<Arc<Outbox>>,
     /// HTML served at `/` by `portcullis demo` only.
     pub(crate) demo_page: Option<String>,
 }
 
 impl App {
     pub async fn build(loaded: Loaded) -> Result<App, AppError> {
-        let Loaded { config, keys, .. } = loaded;
+        let Loaded {
+            config,
+            keys,
+            hook_secret,
+            ..
+        } = loaded;
+        let hooks = match (&config.sessions.hooks, &hook_secret) {
+            (Some(cfg), Some(secret)) => Some(Arc::new(Hooks::new(cfg, secret))),
+            _ => None,
+        };
+        let outbox = match &hooks {
+            Some(h) if h.has_on_end() => Some(Arc::new(match config.sessions.store {
+                StoreKind::Memory => Outbox::memory(),
+                StoreKind::Redis => {
+                    Outbox::redis(&config.sessions.redis_url, &config.sessions.key_prefix)?
+                }
+            })),
+            _ => None,
+        };
         let tokens = Arc::new(TokenService::new(&config.tokens, &keys)?);
         let store = match config.sessions.store {
             StoreKind::Memory => Store::Memory(MemoryStore::new()),
@@ -104,6 +127,8 @@ impl App {
             hubs,
             gate,
             demo_page: None,
+            hooks,
+            outbox,
             routes,
             store,
             tokens,

@@ -186,6 +186,17 @@ impl ApiError {
         .fault(Fault::Upstream)
     }
 
+    /// The runtime's `on_create` hook refused the session or did not
+    /// answer in time (SPEC §11); nothing of the session is left.
+    pub fn runtime_refused_session() -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "runtime_refused_session",
+            "The runtime did not accept the session; retry later",
+        )
+        .fault(Fault::Upstream)
+    }
+
     pub fn upgrade_required() -> Self {
         Self::new(
             StatusCode::UPGRADE_REQUIRED,

@@ -26,12 +26,13 @@
 //! 10. [`session`] (stores, and the Redis fabric instances coordinate
 //!     shared sessions on), [`token`] (JWTs, where a token comes from),
 //!     [`auth`] (login backends, rate limit), [`routing`] (route table,
-//!     balancing).
+//!     balancing), [`hooks`] (signed session hooks to the runtime).
 //! 11. [`config`]: the TOML tree, defaults, `validate()`.
 //! 12. [`formats`]: the syntax of what config names (route paths, argon2id
 //!     hashes, private-key PEMs), read once for config's checks and for the
 //!     layers that use them.
-//! 13. [`ids`], [`time`], [`telemetry`], [`shutdown`]: leaves.
+//! 13. [`ids`], [`time`], [`telemetry`], [`shutdown`], [`outbound`] (one
+//!     JSON POST to a service the config names): leaves.
 //!
 //! Why this order: data flows down it. A request enters at the server, is
 //! dispatched by `http`, admitted by the `gate`, and its socket then lives
@@ -47,10 +48,12 @@ pub mod demo;
 pub mod error;
 pub mod formats;
 pub mod gate;
+pub mod hooks;
 pub mod http;
 pub mod hub;
 pub mod ids;
 pub mod maintenance;
+pub mod outbound;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -16,7 +16,14 @@
 //!   batch: the net under the net;
 //! - **heartbeat**: one store write per [`HEARTBEAT_EVERY`] keeps every
 //!   socket lease of this instance alive; a crashed instance's sockets stop
-//!   counting once its heartbeat lapses.
+//!   counting once its heartbeat lapses;
+//! - **session hooks** (only with `[sessions.hooks] on_end`): every
+//!   [`HOOK_POLL`], claim the tracked sessions whose expiry has come and the
+//!   `on_end` jobs that are due from the store's outbox
+//!   (`session::outbox`), report what ended, retry what the runtime did
+//!   not take with backoff. Every instance does this, with no leader: a
+//!   claim hides an entry from the others until it is done or its
+//!   visibility lapses (the claimer died).
 //!
 //! Worst cases (README, "Revocation and expiry"): a revocation reaches a
 //! subscribed instance within a second; one published while its
@@ -30,8 +37,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::hooks::{Ended, Hooks};
 use crate::hub::Hubs;
-use crate::session::{EndReason, Liveness, SessionStore, Store};
+use crate::session::{EndReason, Liveness, Outbox, SessionStore, Store};
 use crate::sockets::Sockets;
 use crate::telemetry::{Metrics, ReasonLabel};
 use crate::time::now_unix_ms;
@@ -67,6 +75,10 @@ pub struct Maintenance {
     pub metrics: Arc<Metrics>,
     /// One audit pass over every local session per this period.
     pub audit_period: Duration,
+    /// `[sessions.hooks]` and the `on_end` outbox (both or neither drive
+    /// the session-hooks task).
+    pub hooks: Option<Arc<Hooks>>,
+    pub outbox: Option<Arc<Outbox>>,
 }
 
 /// Starts the tasks on the current runtime; each ends when shutdown begins.
@@ -77,7 +89,146 @@ pub fn spawn(m: Maintenance) {
     tokio::spawn(rechecks(m.clone(), recheck));
     tokio::spawn(expiry(m.clone()));
     tokio::spawn(audit(m.clone()));
+    if let (Some(hooks), Some(outbox)) = (m.hooks.clone(), m.outbox.clone()) {
+        tokio::spawn(session_hooks(m.clone(), hooks, outbox));
+    }
     tokio::spawn(heartbeat(m));
+}
+
+/// How often each instance looks for due expiries and `on_end` jobs: the
+/// latency of an `on_end` after an end, and two store calls per period
+/// per instance when there is nothing to do.
+pub const HOOK_POLL: Duration = Duration::from_millis(250);
+/// Tracked sessions looked at per store call.
+const TRACKED_BATCH: usize = 200;
+/// `on_end` jobs delivered at once per instance.
+const JOB_BATCH: usize = 16;
+/// Retries of an `on_end` wait this long, doubling per attempt ...
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// ... up to this.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+fn retry_delay(attempt: u32) -> Duration {
+    let doubled = RETRY_FIRST.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    doubled.min(RETRY_MAX)
+}
+
+async fn session_hooks(m: Maintenance, hooks: Arc<Hooks>, outbox: Arc<Outbox>) {
+    // A claim must outlast the work done under it (one hook call), or a
+    // second instance would take the same entry while the first still
+    // works on it: harmless (at least once), but noisy.
+    let visibility = hooks.timeout() + Duration::from_secs(5);
+    let mut tick = tokio::time::interval(HOOK_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = m.sockets.shutdown().begun() => return,
+        }
+        // Failures (store away) leave the claimed entries hidden until
+        // their visibility lapses; then any instance takes them again.
+        if let Err(e) = expire_tracked(&m, &outbox, visibility).await {
+            tracing::debug!(error = %e, "session hooks: expiry look failed");
+        }
+        if let Err(e) = deliver_jobs(&m, &hooks, &outbox, visibility).await {
+            tracing::debug!(error = %e, "session hooks: delivery failed");
+        }
+    }
+}
+
+fn ended_body(session_id: &str, user: &str, reason: &str) -> String {
+    serde_json::to_string(&Ended {
+        session_id: session_id.to_string(),
+        user: user.to_string(),
+        reason: reason.to_string(),
+    })
+    .expect("strings serialise")
+}
+
+/// The tracked sessions whose known expiry has come: an expired one is
+/// reported, a slid one is looked at again at its new expiry.
+async fn expire_tracked(
+    m: &Maintenance,
+    outbox: &Outbox,
+    visibility: Duration,
+) -> Result<(), crate::session::StoreError> {
+    loop {
+        let due = outbox.claim_tracked(TRACKED_BATCH, visibility).await?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = due.iter().map(|(sid, _)| sid.clone()).collect();
+        let live = m.store.liveness(&ids).await?;
+        for ((sid, user), l) in due.iter().zip(live) {
+            match l {
+                Liveness::Alive { expires_at } => {
+                    outbox.retrack(sid, user, (expires_at + 1) * 1000).await?
+                }
+                Liveness::Gone(EndReason::Expired) => {
+                    let body = ended_body(sid, user, "expired");
+                    outbox.end(sid, user, &body, Duration::ZERO).await?;
+                }
+                // Whoever deleted it queued its report (or it was a
+                // session the runtime refused): nothing more to say.
+                Liveness::Gone(EndReason::Revoked) => outbox.untrack(sid, user).await?,
+            }
+        }
+        if due.len() < TRACKED_BATCH {
+            return Ok(());
+        }
+    }
+}
+
+/// Delivers the due `on_end` jobs; each leaves the queue only on a `2xx`.
+async fn deliver_jobs(
+    m: &Maintenance,
+    hooks: &Hooks,
+    outbox: &Outbox,
+    visibility: Duration,
+) -> Result<(), crate::session::StoreError> {
+    let jobs = outbox.claim_jobs(JOB_BATCH, visibility).await?;
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let mut parsed = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match serde_json::from_str::<Ended>(&job.body) {
+            Ok(ended) => parsed.push((job, ended)),
+            // Only this gateway writes the queue; an entry it cannot read
+            // would be retried forever.
+            Err(_) => outbox.ack(&job.body).await?,
+        }
+    }
+    // A job queued by an end whose delete never happened (the gateway died
+    // in between, or the store failed it) finds its session alive: the
+    // session goes back to being watched and the job is dropped.
+    let ids: Vec<String> = parsed.iter().map(|(_, e)| e.session_id.clone()).collect();
+    let live = m.store.liveness(&ids).await?;
+    let sends = parsed.iter().zip(live).map(|((job, ended), l)| async move {
+        if let Liveness::Alive { expires_at } = l {
+            outbox
+                .track(&ended.session_id, &ended.user, (expires_at + 1) * 1000)
+                .await?;
+            return outbox.ack(&job.body).await;
+        }
+        match hooks.on_end(ended).await {
+            Ok(()) => {
+                tracing::info!(session = %ended.session_id, reason = %ended.reason, "on_end delivered");
+                outbox.ack(&job.body).await
+            }
+            Err(e) => {
+                let delay = retry_delay(job.attempt);
+                tracing::warn!(session = %ended.session_id, reason = %ended.reason,
+                    attempt = job.attempt, error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "on_end not taken; will retry");
+                outbox.retry(&job.body, delay).await
+            }
+        }
+    });
+    for r in futures_util::future::join_all(sends).await {
+        r?;
+    }
+    Ok(())
 }
 
 fn ms(d: Duration) -> i64 {

@@ -150,6 +150,8 @@ pub async fn run_until_signal(
         hubs: app.hubs.clone(),
         metrics: app.metrics.clone(),
         audit_period: Duration::from_secs(app.config.sessions.audit_interval_secs),
+        hooks: app.hooks.clone(),
+        outbox: app.outbox.clone(),
     });
     let mut shards = Vec::new();
     for (i, std_listener) in listeners.into_iter().enumerate() {

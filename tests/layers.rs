@@ -17,10 +17,10 @@ const LAYERS: &[&[&str]] = &[
     &["proxy"],
     &["sockets"],
     &["error"],
-    &["session", "token", "auth", "routing"],
+    &["session", "token", "auth", "routing", "hooks"],
     &["config"],
     &["formats"],
-    &["ids", "time", "telemetry", "shutdown"],
+    &["ids", "time", "telemetry", "shutdown", "outbound"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -4,11 +4,8 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use url::Url;
 
 use super::AuthError;
@@ -41,33 +38,12 @@ impl UpstreamVerifier {
 
     async fn call(&self, username: &str, password: &Secret) -> Result<String, AuthError> {
         let unavailable = |e: &dyn std::fmt::Display| AuthError::Unavailable(e.to_string());
-        let host = self.url.host_str().ok_or_else(|| unavailable(&"no host"))?;
-        // `host_str` keeps an IPv6 literal's brackets, which no resolver takes.
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = self.url.port_or_known_default().unwrap_or(80);
-        let stream = TcpStream::connect((host, port))
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| unavailable(&e))?;
-        tokio::spawn(conn);
         let password =
             std::str::from_utf8(password.expose()).map_err(|_| AuthError::InvalidCredentials)?;
         let body =
             serde_json::to_vec(&serde_json::json!({ "username": username, "password": password }))
                 .map_err(|e| unavailable(&e))?;
-        let path = match self.url.query() {
-            Some(q) => format!("{}?{q}", self.url.path()),
-            None => self.url.path().to_string(),
-        };
-        let req = http::Request::post(path)
-            .header(http::header::HOST, self.url.authority())
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| unavailable(&e))?;
-        let resp = sender
-            .send_request(req)
+        let resp = crate::outbound::post_json(&self.url, &[], body)
             .await
             .map_err(|e| unavailable(&e))?;
         let status = resp.status();

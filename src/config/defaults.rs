@@ -3,6 +3,7 @@
 use super::{Algorithm, AuthKind, Balance, Mode, StoreKind};
 
 pub const DEFAULT_SIGNING_KEY_ENV: &str = "PORTCULLIS_SIGNING_KEY";
+pub const DEFAULT_HOOK_SECRET_ENV: &str = "PORTCULLIS_HOOK_SECRET";
 
 pub fn default_listen() -> String {
     "127.0.0.1:8080".into()
@@ -94,4 +95,9 @@ pub fn default_replay_bytes() -> usize {
 }
 pub fn default_audit_interval() -> u64 {
     60
+}
+/// A runtime that has not answered a session hook in two seconds is
+/// treated as refusing it: a login waits at most this long on it.
+pub fn default_hook_timeout_ms() -> u64 {
+    2_000
 }

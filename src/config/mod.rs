@@ -122,6 +122,26 @@ pub struct SessionsConfig {
     /// more (one command per 500 sessions per pass).
     #[serde(default = "default_audit_interval")]
     pub audit_interval_secs: u64,
+    /// `[sessions.hooks]` (SPEC §11): tell the runtime of each session's
+    /// start and end. Absent = no hooks, and logins cost no extra round trip.
+    #[serde(default)]
+    pub hooks: Option<HooksConfig>,
+}
+
+/// `[sessions.hooks]`: where the runtime hears of sessions. The secret
+/// itself is loaded by `validate` into [`Loaded::hook_secret`], never kept
+/// here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksConfig {
+    /// `POST {"session_id","user","expires_at"}` before any token exists.
+    pub on_create: Option<String>,
+    /// `POST {"session_id","user","reason"}` after a session ends.
+    pub on_end: Option<String>,
+    #[serde(default = "default_hook_timeout_ms")]
+    pub timeout_ms: u64,
+    pub secret_env: Option<String>,
+    pub secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -297,6 +317,7 @@ impl std::fmt::Debug for SessionsConfig {
             .field("redis_url", &redis_url)
             .field("key_prefix", &self.key_prefix)
             .field("ttl_secs", &self.ttl_secs)
+            .field("hooks", &self.hooks)
             .finish()
     }
 }
@@ -309,6 +330,7 @@ impl Default for SessionsConfig {
             key_prefix: default_key_prefix(),
             ttl_secs: default_session_ttl(),
             audit_interval_secs: default_audit_interval(),
+            hooks: None,
         }
     }
 }
@@ -319,6 +341,8 @@ pub struct Loaded {
     pub config: Config,
     pub listen: SocketAddr,
     pub keys: ValidatedKeys,
+    /// The HMAC key of `[sessions.hooks]`, when hooks are configured.
+    pub hook_secret: Option<Secret>,
 }
 
 impl Config {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use url::Url;
 
-use super::defaults::DEFAULT_SIGNING_KEY_ENV;
+use super::defaults::{DEFAULT_HOOK_SECRET_ENV, DEFAULT_SIGNING_KEY_ENV};
 use super::{
     Algorithm, AuthKind, Config, ConfigError, KeyMaterial, Loaded, Mode, Secret, StoreKind,
 };
@@ -131,6 +131,10 @@ pub(super) fn validate(
     }
 
     let keys = load_keys(&config, file, env)?;
+    let hook_secret = match &ss.hooks {
+        Some(h) => Some(load_hooks(h, file, env)?),
+        None => None,
+    };
 
     let a = &config.auth;
     match a.kind {
@@ -263,6 +267,7 @@ pub(super) fn validate(
         config,
         listen,
         keys,
+        hook_secret,
     })
 }
 
@@ -277,6 +282,77 @@ fn is_origin(s: &str) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// Checks `[sessions.hooks]` and loads its HMAC secret. Hook URLs are
+/// plain `http://`: the runtime is a sidecar or on the private network, and
+/// the body is signed, not secret.
+fn load_hooks(
+    h: &super::HooksConfig,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Secret, ConfigError> {
+    let err = |key: &str, msg: String| ConfigError::new(file, key, msg);
+    for (key, url) in [
+        ("sessions.hooks.on_create", &h.on_create),
+        ("sessions.hooks.on_end", &h.on_end),
+    ] {
+        let Some(url) = url else { continue };
+        match Url::parse(url) {
+            Ok(u) if u.scheme() == "http" && u.host().is_some() => {}
+            _ => {
+                return Err(err(
+                    key,
+                    format!("{url:?} is not an http:// URL like http://runtime:9000/sessions"),
+                ));
+            }
+        }
+    }
+    if h.on_create.is_none() && h.on_end.is_none() {
+        return Err(err(
+            "sessions.hooks",
+            "set on_create, on_end or both (or remove the table)".into(),
+        ));
+    }
+    if !(1..=60_000).contains(&h.timeout_ms) {
+        return Err(err(
+            "sessions.hooks.timeout_ms",
+            "must be 1 to 60000".into(),
+        ));
+    }
+    if h.secret_env.is_some() && h.secret_file.is_some() {
+        return Err(err(
+            "sessions.hooks.secret_file",
+            "set either secret_env or secret_file, not both".into(),
+        ));
+    }
+    let base = Path::new(file).parent().unwrap_or(Path::new("."));
+    let secret = read_key(
+        file,
+        base,
+        (
+            "sessions.hooks.secret_env",
+            Some(h.secret_env.as_deref().unwrap_or(DEFAULT_HOOK_SECRET_ENV)),
+        ),
+        ("sessions.hooks.secret_file", h.secret_file.as_deref()),
+        env,
+    )?;
+    // An HMAC key shorter than the hash gives less than its strength.
+    if secret.expose().len() < MIN_HS256_KEY_BYTES {
+        let key = if h.secret_file.is_some() {
+            "sessions.hooks.secret_file"
+        } else {
+            "sessions.hooks.secret_env"
+        };
+        return Err(err(
+            key,
+            format!(
+                "the hook secret needs at least {MIN_HS256_KEY_BYTES} bytes, this one has {}",
+                secret.expose().len()
+            ),
+        ));
+    }
+    Ok(secret)
 }
 
 fn load_keys(

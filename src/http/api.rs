@@ -144,7 +144,7 @@ async fn login_inner(
         }
     };
     // The session exists in the store before any token for it does.
-    let record = app.store.create(&user, session_ttl(app)).await?;
+    let record = create_accepted(app, &user).await?;
     app.metrics.sessions_created.inc();
     let issued = app.tokens.issue(&record.user, &record.id);
     tracing::info!(user = %record.user, session = %record.id, "login");
@@ -168,9 +168,76 @@ async fn authenticate(app: &App, req: &Request<Incoming>) -> Result<(Claims, Ses
     Ok((claims, record))
 }
 
+/// How long a session lives before the runtime has accepted it, beyond
+/// the hook's own timeout: long enough for the store writes around the
+/// hook, short enough that a gateway dying mid-login leaves nothing usable
+/// for long (and no token for it ever existed).
+const PENDING_MARGIN: Duration = Duration::from_secs(5);
+/// How long a queued `on_end` waits for the delete it reports: if the
+/// gateway dies in between, the delivery finds the session alive and goes
+/// back to watching it instead of reporting an end that did not happen.
+const END_GRACE: Duration = Duration::from_secs(5);
+
+/// Creates a session the runtime accepted (SPEC §11). Without hooks, the
+/// plain create. With them, the session is made *pending*: its TTL is only
+/// the hook's timeout plus [`PENDING_MARGIN`] and no token for it exists,
+/// so nothing can use it; only after `on_create`'s `2xx` does it get its
+/// full TTL (and a token, from the caller). A refusal deletes it; a crash
+/// anywhere in between leaves a pending session that expires on its own
+/// (and, being tracked, is reported to `on_end` as `expired`).
+async fn create_accepted(app: &App, user: &str) -> Result<SessionRecord> {
+    let Some(hooks) = &app.hooks else {
+        return Ok(app.store.create(user, session_ttl(app)).await?);
+    };
+    let record = app
+        .store
+        .create(user, hooks.timeout() + PENDING_MARGIN)
+        .await?;
+    if let Some(outbox) = &app.outbox {
+        // Tracked before the runtime hears of it, so its end is reported
+        // whatever happens next.
+        if let Err(e) = outbox
+            .track(&record.id, &record.user, (record.expires_at + 1) * 1000)
+            .await
+        {
+            undo_pending(app, &record).await;
+            return Err(e.into());
+        }
+    }
+    let expires_at = rfc3339(crate::time::now_unix() + app.config.sessions.ttl_secs as i64);
+    let created = crate::hooks::Created {
+        session_id: &record.id,
+        user: &record.user,
+        expires_at: &expires_at,
+    };
+    if let Err(e) = hooks.on_create(&created).await {
+        tracing::warn!(session = %record.id, user = %record.user, error = %e,
+            "runtime refused the session");
+        undo_pending(app, &record).await;
+        return Err(ApiError::runtime_refused_session());
+    }
+    // A store failure here leaves the pending session to expire by itself.
+    app.store
+        .touch(&record.id, session_ttl(app))
+        .await?
+        .ok_or_else(ApiError::store_unavailable)
+}
+
+/// Removes a session the runtime never accepted; no `on_end` for it. If
+/// the store is away, the pending session expires within seconds anyway.
+async fn undo_pending(app: &App, record: &SessionRecord) {
+    if let Err(e) = app.store.delete(&record.id).await {
+        tracing::warn!(session = %record.id, error = %e, "refused session left to expire");
+        return;
+    }
+    if let Some(outbox) = &app.outbox {
+        let _ = outbox.untrack(&record.id, &record.user).await;
+    }
+}
+
 pub async fn logout(app: &App, req: Request<Incoming>) -> Result<Response<Body>> {
-    let (claims, _) = authenticate(app, &req).await?;
-    end_session(app, &claims.sid).await?;
+    let (_, record) = authenticate(app, &req).await?;
+    end_session(app, &record, "logout").await?;
     let mut resp = empty_response(StatusCode::NO_CONTENT);
     resp.headers_mut().insert(
         header::SET_COOKIE,
@@ -181,8 +248,30 @@ pub async fn logout(app: &App, req: Request<Incoming>) -> Result<Response<Body>>
     Ok(resp)
 }
 
-async fn end_session(app: &App, sid: &str) -> Result<bool> {
+/// Ends a session and reports it to `on_end` with `reason` (SPEC §11:
+/// `logout`, `deleted`, ...). The report is queued first, due after
+/// [`END_GRACE`], then made due at once when the delete succeeded: a crash
+/// between the two never loses it (see `session::outbox`).
+async fn end_session(app: &App, record: &SessionRecord, reason: &str) -> Result<bool> {
+    let sid = record.id.as_str();
+    let job = match &app.outbox {
+        Some(outbox) => {
+            let body = serde_json::to_string(&crate::hooks::Ended {
+                session_id: record.id.clone(),
+                user: record.user.clone(),
+                reason: reason.to_string(),
+            })
+            .expect("strings serialise");
+            outbox.end(sid, &record.user, &body, END_GRACE).await?;
+            Some((outbox, body))
+        }
+        None => None,
+    };
     let existed = app.store.delete(sid).await?;
+    if let Some((outbox, body)) = job {
+        // Best effort: failing, the job is still due after the grace.
+        let _ = outbox.retry(&body, Duration::ZERO).await;
+    }
     if existed {
         app.metrics
             .sessions_revoked
@@ -208,7 +297,7 @@ pub async fn refresh(app: &App, req: Request<Incoming>) -> Result<Response<Body>
 /// pointing at the caller's current session, and the new token is in the body.
 pub async fn create_session(app: &App, req: Request<Incoming>) -> Result<Response<Body>> {
     let (claims, _) = authenticate(app, &req).await?;
-    let record = app.store.create(&claims.sub, session_ttl(app)).await?;
+    let record = create_accepted(app, &claims.sub).await?;
     app.metrics.sessions_created.inc();
     let issued = app.tokens.issue(&record.user, &record.id);
     Ok(issued_response(&record, &issued, false))
@@ -246,7 +335,7 @@ pub async fn get_session(app: &App, req: Request<Incoming>, id: &str) -> Result<
 pub async fn delete_session(app: &App, req: Request<Incoming>, id: &str) -> Result<Response<Body>> {
     let (claims, _) = authenticate(app, &req).await?;
     let r = owned_session(app, &claims, id).await?;
-    if !end_session(app, &r.id).await? {
+    if !end_session(app, &r, "deleted").await? {
         return Err(ApiError::session_not_found());
     }
     Ok(empty_response(StatusCode::NO_CONTENT))

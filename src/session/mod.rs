@@ -6,6 +6,7 @@
 //! so `connections` and `state` stay right across instances and crashes.
 
 pub mod memory;
+pub mod outbox;
 pub mod redis;
 
 use std::future::Future;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 pub use memory::MemoryStore;
+pub use outbox::Outbox;
 pub use redis::RedisStore;
 
 /// SPEC §4 `state`.
