@@ -24,10 +24,11 @@
 //! 9. [`error`]: the one refusal type and its HTTP response.
 //! 10. [`session`] (stores), [`token`] (JWTs, where a token comes from),
 //!     [`auth`] (login backends, rate limit), [`routing`] (route table,
-//!     balancing).
+//!     balancing), [`tls`] (rustls configs for the listener and for
+//!     `wss://` runtimes).
 //! 11. [`config`]: the TOML tree, defaults, `validate()`.
 //! 12. [`formats`]: the syntax of what config names (route paths, argon2id
-//!     hashes, private-key PEMs), read once for config's checks and for the
+//!     hashes, private-key PEMs, TLS certificates), read once for config's checks and for the
 //!     layers that use them.
 //! 13. [`ids`], [`time`], [`telemetry`], [`shutdown`]: leaves.
 //!
@@ -57,4 +58,5 @@ pub mod shutdown;
 pub mod sockets;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod token;

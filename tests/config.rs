@@ -141,6 +141,19 @@ fn valid_configs_validate() {
 }
 
 #[test]
+fn a_per_session_limit_above_the_gateways_is_only_a_warning() {
+    let loaded = valid("per_session_over_total.toml");
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    let w = &loaded.warnings[0];
+    assert!(
+        w.contains("server.max_connections_per_session (8)")
+            && w.contains("server.max_connections (4)"),
+        "{w}"
+    );
+    assert!(valid("full.toml").warnings.is_empty());
+}
+
+#[test]
 fn invalid_configs_fail_naming_the_key() {
     let files = toml_files(&root().join("tests/configs/invalid"));
     assert!(

@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["proxy"],
     &["sockets"],
     &["error"],
-    &["session", "token", "auth", "routing"],
+    &["session", "token", "auth", "routing", "tls"],
     &["config"],
     &["formats"],
     &["ids", "time", "telemetry", "shutdown"],

@@ -376,7 +376,7 @@ fn from_runtime(hub: &Hub, m: Option<Result<Message, WsError>>) -> Option<Stop> 
 async fn run(
     hub: Arc<Hub>,
     hubs: Hubs,
-    ws: WebSocketStream<tokio::net::TcpStream>,
+    ws: WebSocketStream<crate::proxy::dial::UpstreamIo>,
     rx: mpsc::Receiver<Message>,
     close_rx: CloseRx,
 ) {
@@ -428,7 +428,10 @@ async fn run(
 /// none when the runtime closed first: then `close` flushes the reply
 /// tungstenite queued).
 async fn write_upstream(
-    mut sink: futures_util::stream::SplitSink<WebSocketStream<tokio::net::TcpStream>, Message>,
+    mut sink: futures_util::stream::SplitSink<
+        WebSocketStream<crate::proxy::dial::UpstreamIo>,
+        Message,
+    >,
     mut rx: mpsc::Receiver<Message>,
     mut stop: oneshot::Receiver<Option<CloseFrame>>,
 ) {
