@@ -6,6 +6,7 @@
 pub mod gateway;
 pub mod http;
 pub mod redis;
+pub mod tls;
 pub mod upstream;
 pub mod wait;
 pub mod ws;
