@@ -37,6 +37,24 @@ pub struct FaultLabel {
     pub fault: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
+/// How long session-store calls take, by operation. One per process,
+/// shared by every [`Metrics`] registry (there is one per app; tests make
+/// several), so the store can record into it without holding a handle.
+pub fn store_latency() -> &'static Family<OpLabel, Histogram> {
+    static LATENCY: std::sync::OnceLock<Family<OpLabel, Histogram>> = std::sync::OnceLock::new();
+    LATENCY.get_or_init(|| {
+        Family::new_with_constructor(|| {
+            // 50 µs .. ~1.6 s: an in-memory call to a Redis timeout.
+            Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+        })
+    })
+}
+
 /// The loaded config's SHA-256: one series at a time, replaced on reload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HashLabel {
@@ -145,6 +163,11 @@ impl Metrics {
             "socket_closes",
             "Client WebSockets closed, by close code",
             closes.clone(),
+        );
+        registry.register(
+            "store_request_duration_seconds",
+            "Session store call latency by operation (create, get, touch, delete, attach, heartbeat, ping)",
+            store_latency().clone(),
         );
         let config_reloads = Family::<ResultLabel, Counter>::default();
         registry.register(

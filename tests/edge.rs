@@ -78,8 +78,8 @@ async fn only_max_connections_2_starts_with_a_warning_at_most() {
     .await;
 }
 
-fn write_config(dir: &TempDir, toml: &str) -> std::path::PathBuf {
-    let path = dir.0.join("portcullis.toml");
+fn write_config(dir: &TempDir, name: &str, toml: &str) -> std::path::PathBuf {
+    let path = dir.0.join(name);
     std::fs::write(&path, toml).unwrap();
     path
 }
@@ -101,7 +101,7 @@ fn check_skip_secrets_validates_the_rest_and_names_what_it_did_not_check() {
     let rotation = "[tokens]\nkid = \"k2\"\n\
         [[tokens.previous_keys]]\nkid = \"k1\"\nkey_env = \"PORTCULLIS_PREVIOUS_KEY\"\n\
         [[routes]]\nname = \"echo\"\npath = \"/ws/echo\"\nupstreams = [\"ws://127.0.0.1:9/echo\"]\n";
-    let path = write_config(&dir, &config(None, rotation));
+    let path = write_config(&dir, "rotation.toml", &config(None, rotation));
 
     // Without the flag: the missing secret is an error, as for `serve`.
     let out = check(&path, &[], None);
@@ -141,6 +141,7 @@ fn check_skip_secrets_validates_the_rest_and_names_what_it_did_not_check() {
     // Anything else wrong still fails under the flag.
     let broken = write_config(
         &dir,
+        "broken.toml",
         &config(
             None,
             "[[routes]]\nname = \"x\"\npath = \"/ws\"\nupstreams = []\n",
@@ -149,6 +150,36 @@ fn check_skip_secrets_validates_the_rest_and_names_what_it_did_not_check() {
     let out = check(&broken, &["--skip-secrets"], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("routes[0].upstreams"));
+
+    // A TLS key file it cannot read is a secret it did not check, named by
+    // its key; the certificate beside it is still read and parsed.
+    let leaf = support::tls::TestCa::new("edge test CA").leaf(&["localhost"]);
+    std::fs::write(dir.0.join("cert.pem"), &leaf.cert_pem).unwrap();
+    let tls = format!(
+        "[server]\n[server.tls]\ncert_file = \"cert.pem\"\nkey_file = \"/nonexistent/key.pem\"\n{}",
+        config(None, "")
+    );
+    let with_tls = write_config(&dir, "tls.toml", &tls);
+    let out = check(
+        &with_tls,
+        &["--skip-secrets"],
+        Some(support::gateway::SIGNING_KEY),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("secret not checked (--skip-secrets):")
+            && stdout.contains("server.tls.key_file"),
+        "{stdout}"
+    );
+    std::fs::write(dir.0.join("cert.pem"), "not a certificate").unwrap();
+    let out = check(
+        &with_tls,
+        &["--skip-secrets"],
+        Some(support::gateway::SIGNING_KEY),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.tls.cert_file"));
 
     // `serve` has no such flag: without the key it refuses to start.
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))

@@ -320,28 +320,57 @@ macro_rules! dispatch {
     };
 }
 
+/// Runs one store call and records how long it took in
+/// `portcullis_store_request_duration_seconds{op}`, whatever its result.
+async fn timed<T>(op: &'static str, call: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = call.await;
+    crate::telemetry::store_latency()
+        .get_or_create(&crate::telemetry::OpLabel { op })
+        .observe(started.elapsed().as_secs_f64());
+    out
+}
+
 impl SessionStore for Store {
     async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, CreateError> {
-        dispatch!(self, s => s.create(user, ttl).await)
+        timed("create", async {
+            dispatch!(self, s => s.create(user, ttl).await)
+        })
+        .await
     }
     async fn get(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        dispatch!(self, s => s.get(session_id).await)
+        timed("get", async {
+            dispatch!(self, s => s.get(session_id).await)
+        })
+        .await
     }
     async fn touch(
         &self,
         session_id: &str,
         ttl: Duration,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        dispatch!(self, s => s.touch(session_id, ttl).await)
+        timed("touch", async {
+            dispatch!(self, s => s.touch(session_id, ttl).await)
+        })
+        .await
     }
     async fn delete(&self, session_id: &str) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.delete(session_id).await)
+        timed("delete", async {
+            dispatch!(self, s => s.delete(session_id).await)
+        })
+        .await
     }
     async fn attach(&self, req: LeaseRequest<'_>) -> Result<Attach, StoreError> {
-        dispatch!(self, s => s.attach(req).await)
+        timed("attach", async {
+            dispatch!(self, s => s.attach(req).await)
+        })
+        .await
     }
     async fn heartbeat(&self, lease: Duration) -> Result<(), StoreError> {
-        dispatch!(self, s => s.heartbeat(lease).await)
+        timed("heartbeat", async {
+            dispatch!(self, s => s.heartbeat(lease).await)
+        })
+        .await
     }
     async fn detach_many(&self, leases: &[(String, String)]) -> Result<(), StoreError> {
         dispatch!(self, s => s.detach_many(leases).await)
@@ -368,7 +397,7 @@ impl SessionStore for Store {
         dispatch!(self, s => s.clock_offset_ms())
     }
     async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.ping().await)
+        timed("ping", async { dispatch!(self, s => s.ping().await) }).await
     }
 }
 
