@@ -367,45 +367,27 @@ fn server_tls(
     secrets: Secrets,
     unchecked: &mut Vec<ConfigError>,
 ) -> Result<Option<Arc<CertifiedKey>>, ConfigError> {
-    let cert_path = resolve(base, &t.cert_file);
-    let cert = std::fs::read(&cert_path).map_err(|e| {
-        ConfigError::new(
-            file,
-            "server.tls.cert_file",
-            format!("cannot read {}: {e}", cert_path.display()),
-        )
-    })?;
-    let key_path = resolve(base, &t.key_file);
-    let key = std::fs::read(&key_path).map_err(|e| {
-        ConfigError::new(
-            file,
-            "server.tls.key_file",
-            format!("cannot read {}: {e}", key_path.display()),
-        )
-    });
-    let Some(key) = read_or_skip(key.map(Secret::new), secrets, unchecked)? else {
-        certificates(&cert).map_err(|m| {
-            ConfigError::new(
-                file,
-                "server.tls.cert_file",
-                format!("{}: {m}", cert_path.display()),
-            )
-        })?;
+    const CERT: &str = "server.tls.cert_file";
+    const KEY: &str = "server.tls.key_file";
+    let (cert_path, key_path) = (resolve(base, &t.cert_file), resolve(base, &t.key_file));
+    // Every error names the key and the file it points at.
+    let at = |key: &str, path: &Path, m: String| {
+        ConfigError::new(file, key, format!("{}: {m}", path.display()))
+    };
+    let read = |key: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| at(key, path, format!("cannot read: {e}")))
+    };
+    let cert = read(CERT, &cert_path)?;
+    let key = read(KEY, &key_path).map(Secret::new);
+    let Some(key) = read_or_skip(key, secrets, unchecked)? else {
+        certificates(&cert).map_err(|m| at(CERT, &cert_path, m))?;
         return Ok(None);
     };
     certified_key(&cert, key.expose())
         .map(Some)
         .map_err(|e| match e {
-            TlsFileError::Cert(m) => ConfigError::new(
-                file,
-                "server.tls.cert_file",
-                format!("{}: {m}", cert_path.display()),
-            ),
-            TlsFileError::Key(m) => ConfigError::new(
-                file,
-                "server.tls.key_file",
-                format!("{}: {m}", key_path.display()),
-            ),
+            TlsFileError::Cert(m) => at(CERT, &cert_path, m),
+            TlsFileError::Key(m) => at(KEY, &key_path, m),
         })
 }
 

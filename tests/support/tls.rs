@@ -7,10 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
@@ -112,34 +109,12 @@ pub async fn request(
     body: Option<&[u8]>,
 ) -> Resp {
     let tls = connect(addr, "localhost", cfg).await;
-    tokio::time::timeout(Duration::from_secs(15), async {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", format!("localhost:{}", addr.port()))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default().to_vec())))
-            .unwrap();
-        let resp = sender.send_request(req).await.expect("request");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec();
-        Resp {
-            status,
-            headers,
-            body,
-        }
-    })
+    let host = format!("localhost:{}", addr.port());
+    let headers = [("content-type", "application/json")];
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        super::http::exchange(tls, &host, method, path, &headers, body),
+    )
     .await
     .expect("HTTPS request timed out")
 }
