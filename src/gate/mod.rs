@@ -306,8 +306,8 @@ fn client_io(up: hyper::upgrade::Upgraded) -> Option<(Either<TcpStream, TlsIo>, 
 }
 
 /// A dialled `wss://` runtime as the relay drives it.
-fn upstream_tls(tls: tokio_rustls::client::TlsStream<TcpStream>) -> TlsIo {
-    let (tcp, conn) = tls.into_inner();
+fn upstream_tls(tls: Box<tokio_rustls::client::TlsStream<TcpStream>>) -> TlsIo {
+    let (tcp, conn) = (*tls).into_inner();
     TlsIo::new(tcp, conn)
 }
 

@@ -80,8 +80,11 @@ pub struct UpstreamRequest<'a> {
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
-/// A runtime connection: plain for `ws://`, TLS for `wss://`.
-pub type UpstreamIo = Either<TcpStream, TlsStream<TcpStream>>;
+/// A runtime connection: plain for `ws://`, TLS for `wss://`. The TLS side
+/// is boxed: rustls' connection state is over a KiB inline, and the socket
+/// task holds this value until the client's upgrade completes, so an
+/// unboxed variant would make every plain socket's task that much larger.
+pub type UpstreamIo = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 pub async fn dial(req: UpstreamRequest<'_>) -> Result<Dialled, DialError> {
     let host = req.url.host_str().unwrap_or_default();
@@ -106,7 +109,7 @@ pub async fn dial(req: UpstreamRequest<'_>) -> Result<Dialled, DialError> {
         .connect(name, stream)
         .await
         .map_err(DialError::Tls)?;
-    handshake(req, Either::Right(tls)).await
+    handshake(req, Either::Right(Box::new(tls))).await
 }
 
 /// The WebSocket client handshake on a connected stream.

@@ -1183,7 +1183,17 @@ async fn reload_under_load(pid: u32, base: &str, sockets: &mut [Ws]) -> Result<R
             if ws.send(msg.clone()).await.is_err() {
                 return false;
             }
-            matches!(timeout(REPLY_TIMEOUT, ws.next()).await, Ok(Some(Ok(m))) if m == msg)
+            // The gateway pings sockets idle for `ping_interval_ms` (30 s):
+            // a ping or pong before the echo is not a failure.
+            let echo = timeout(REPLY_TIMEOUT, async {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        other => return other,
+                    }
+                }
+            });
+            matches!(echo.await, Ok(Some(Ok(m))) if m == msg)
         })
         .buffer_unordered(200)
         .collect()
