@@ -42,12 +42,15 @@ pub fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> 
 /// leaf, ready to serve.
 pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<CertifiedKey>, TlsFileError> {
     let chain = certificates(cert_pem).map_err(TlsFileError::Cert)?;
+    // The parser's error can quote a line of the file, which here is key
+    // material: say what was expected, never what was found.
     let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| TlsFileError::Key(format!("not a PEM private key: {e}")))?;
+        .map_err(|_| TlsFileError::Key("not a PEM private key (PKCS#8, PKCS#1 or SEC1)".into()))?;
     let ck = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => {
             TlsFileError::Key("does not match the certificate's public key".into())
         }
+        // rustls' key errors name the problem, not the key's bytes.
         other => TlsFileError::Key(format!("unusable private key: {other}")),
     })?;
     Ok(Arc::new(ck))
@@ -69,4 +72,39 @@ pub fn root_store(pem: &[u8]) -> Result<RootCertStore, String> {
             .map_err(|e| format!("not a usable CA certificate: {e}"))?;
     }
     Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed() -> (String, String) {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        (made.cert.pem(), made.signing_key.serialize_pem())
+    }
+
+    #[test]
+    fn a_matching_pair_loads_and_a_foreign_key_does_not() {
+        let (cert, key) = self_signed();
+        assert!(certified_key(cert.as_bytes(), key.as_bytes()).is_ok());
+        let (_, other_key) = self_signed();
+        assert_eq!(
+            certified_key(cert.as_bytes(), other_key.as_bytes()).unwrap_err(),
+            TlsFileError::Key("does not match the certificate's public key".into())
+        );
+        assert!(matches!(
+            certified_key(key.as_bytes(), key.as_bytes()),
+            Err(TlsFileError::Cert(_))
+        ));
+    }
+
+    #[test]
+    fn a_key_error_never_quotes_the_key_file() {
+        let (cert, _) = self_signed();
+        let bad = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n-----BEGIN PRIVATE KEY-----\n";
+        match certified_key(cert.as_bytes(), bad.as_bytes()) {
+            Err(TlsFileError::Key(m)) => assert!(!m.contains("c2VjcmV0"), "{m}"),
+            other => panic!("expected a key error, got {other:?}"),
+        }
+    }
 }
