@@ -1,5 +1,5 @@
 //! SPEC §12: `SIGHUP` reloads the whole config file, against the real
-//! binary. Routes, origins, users and keys take effect for new requests;
+//! binary. Routes, origins, users, limits and keys take effect for new requests;
 //! sockets open across the reload (also one whose route was removed) keep
 //! echoing; a file that fails validation changes nothing and is logged with
 //! the message `portcullis check` prints for it.
@@ -137,7 +137,11 @@ async fn reload_applies_routes_origins_users_and_keys_while_sockets_keep_echoing
                 route("added", "/ws/added", &[&up.url("/")], "")
             ),
         );
-        let written = gw.rewrite_config("allowed_origins = [\"http://new.example\"]", &after);
+        // Limits too: at most 4 sockets per session (8 before, the default).
+        let written = gw.rewrite_config(
+            "allowed_origins = [\"http://new.example\"]\nmax_connections_per_session = 4",
+            &after,
+        );
         gw.signal("HUP");
         reloads(&gw, "ok", 1.0).await;
         assert_eq!(config_hash(&gw).await, sha256_hex(&written));
@@ -170,6 +174,17 @@ async fn reload_applies_routes_origins_users_and_keys_while_sockets_keep_echoing
         assert_eq!(kid(&carol.token), "k2");
         let (mut theirs, _) = ws::open(&gw.url("/ws/echo"), &carol.token).await;
         echoes(&mut theirs, "carol").await;
+        // Limits: the session's fifth socket is refused under the new 4.
+        let mut more = Vec::new();
+        for _ in 0..3 {
+            more.push(ws::open(&gw.url("/ws/echo"), &carol.token).await.0);
+        }
+        let (status, body, _) =
+            ws::refusal(ws::connect_bearer(&gw.url("/ws/echo"), &carol.token).await);
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (503, Some("too_many_connections"))
+        );
         // The old session's API calls verify with k1 too.
         let r = api::get_session(gw.addr, &old.sid, &old.token).await;
         assert_eq!(r.status, 200);

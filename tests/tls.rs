@@ -119,6 +119,18 @@ async fn wss_through_the_whole_gate_and_a_certificate_swapped_by_sighup_under_an
         let conn = tls::connect(gw.addr, "localhost", &ca.client()).await;
         assert_eq!(tls::peer_leaf(&conn), first.der);
         assert_eq!(conn.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        assert_eq!(
+            conn.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        drop(conn);
+        // TLS 1.2 is still served (the floor), with ALPN too.
+        let conn = tls::connect(gw.addr, "localhost", &ca.client_tls12()).await;
+        assert_eq!(
+            conn.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        assert_eq!(conn.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
         drop(conn);
 
         // A new certificate (same CA) on disk, then SIGHUP.

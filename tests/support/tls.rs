@@ -63,13 +63,28 @@ impl TestCa {
         }
     }
 
-    /// A client config that trusts this CA only.
-    pub fn client(&self) -> Arc<ClientConfig> {
+    fn roots(&self) -> Arc<RootCertStore> {
         let mut roots = RootCertStore::empty();
         roots
             .add(self.issuer.der().clone())
             .expect("the test CA is a usable root");
-        portcullis::tls::client_config(Arc::new(roots))
+        Arc::new(roots)
+    }
+
+    /// A client config that trusts this CA only.
+    pub fn client(&self) -> Arc<ClientConfig> {
+        portcullis::tls::client_config(self.roots())
+    }
+
+    /// [`TestCa::client`] that speaks TLS 1.2 only.
+    pub fn client_tls12(&self) -> Arc<ClientConfig> {
+        let mut cfg = ClientConfig::builder_with_provider(portcullis::formats::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(self.roots())
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
     }
 }
 
