@@ -19,21 +19,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 A=$1 B=$2 ROUNDS=${3:-3} WORKLOAD=${4:-stream}
 BENCH="$ROOT/target/release/portcullis-bench"
 [ -x "$BENCH" ] || (cd "$ROOT" && cargo build --release --bin portcullis-bench)
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+# TMP, PIDS, cleanup on exit, wait_for.
+. "$ROOT/bench/lib.sh"
 ulimit -n 20000 2>/dev/null || true
-
-wait_for() {
-    for _ in $(seq 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    echo "ab.sh: timed out waiting for: $*" >&2
-    exit 1
-}
 
 mapfile -t P < <("$BENCH" free-port --count 4)
 ECHO=${P[0]} REDIS=${P[1]} PORT_A=${P[2]} PORT_B=${P[3]}

@@ -26,10 +26,11 @@
 //! 10. [`session`] (stores, and the Redis fabric instances coordinate
 //!     shared sessions on), [`token`] (JWTs, where a token comes from),
 //!     [`auth`] (login backends, rate limit), [`routing`] (route table,
-//!     balancing), [`hooks`] (signed session hooks to the runtime).
+//!     balancing), [`hooks`] (signed session hooks to the runtime),
+//!     [`tls`] (rustls configs for the listener and for `wss://` runtimes).
 //! 11. [`config`]: the TOML tree, defaults, `validate()`.
 //! 12. [`formats`]: the syntax of what config names (route paths, argon2id
-//!     hashes, private-key PEMs), read once for config's checks and for the
+//!     hashes, private-key PEMs, TLS certificates), read once for config's checks and for the
 //!     layers that use them.
 //! 13. [`ids`], [`time`], [`telemetry`], [`shutdown`], [`outbound`] (one
 //!     JSON POST to a service the config names): leaves.
@@ -62,4 +63,5 @@ pub mod shutdown;
 pub mod sockets;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod token;

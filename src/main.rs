@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use portcullis::app::App;
-use portcullis::config::Config;
+use portcullis::app::{App, Running};
+use portcullis::config::{Config, Secrets};
 
 /// jemalloc instead of glibc's malloc. In a `churn` profile glibc's
 /// allocator took 8 % of the gateway's samples, a quarter of them in
@@ -47,6 +47,12 @@ enum Command {
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Validate everything except secrets that cannot be read here (an
+        /// unset key variable, an unreadable key file), and list those as
+        /// not checked. For CI on a config repository without the secrets;
+        /// `serve` and reload always require every secret.
+        #[arg(long)]
+        skip_secrets: bool,
     },
     /// Gateway + built-in echo runtime + a demo user; no Redis, no config.
     Demo {
@@ -77,7 +83,10 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check { config }) => check(&config),
+        Some(Command::Check {
+            config,
+            skip_secrets,
+        }) => check(&config, skip_secrets),
         Some(Command::HashPassword) => match hash_password() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -115,11 +124,25 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(loaded) => {
-            println!("{}: ok, listen {}", path.display(), loaded.listen);
-            for r in &loaded.config.routes {
+fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
+    let secrets = if skip_secrets {
+        Secrets::SkipUnreadable
+    } else {
+        Secrets::Required
+    };
+    match Config::check(path, secrets) {
+        Ok(checked) => {
+            let unchecked = checked.unchecked_secrets.len();
+            if unchecked == 0 {
+                println!("{}: ok, listen {}", path.display(), checked.listen);
+            } else {
+                println!(
+                    "{}: ok except {unchecked} secret(s) not checked, listen {}",
+                    path.display(),
+                    checked.listen
+                );
+            }
+            for r in &checked.config.routes {
                 println!(
                     "route {} {} -> {} ({:?}, balance {:?})",
                     r.name,
@@ -128,6 +151,12 @@ fn check(path: &std::path::Path) -> ExitCode {
                     r.mode,
                     r.balance
                 );
+            }
+            for w in &checked.warnings {
+                eprintln!("portcullis: warning: {w}");
+            }
+            for e in &checked.unchecked_secrets {
+                println!("secret not checked (--skip-secrets): {e}");
             }
             ExitCode::SUCCESS
         }
@@ -157,12 +186,16 @@ fn hash_password() -> anyhow::Result<()> {
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     // Config errors exit non-zero before any port is bound.
     let loaded = Config::load(&path).map_err(|e| anyhow::anyhow!("config error: {e}"))?;
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
     let listen = loaded.listen;
-    let app = App::build(loaded).await.context("starting")?.into_shared();
+    let app = App::build(loaded).await.context("starting")?;
     let shards = portcullis::server::shard_count(app.config().server.worker_threads);
     let listeners = portcullis::server::bind_shards(listen, shards)
         .with_context(|| format!("binding {listen}"))?;
-    portcullis::server::run_until_signal(app, listeners).await
+    let running = Running::new(app, Some(path));
+    portcullis::server::run_until_signal(running, listeners).await
 }
 
 async fn demo(listen: Option<SocketAddr>) -> anyhow::Result<()> {

@@ -15,7 +15,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::app::App;
+use crate::app::{App, Running};
 use crate::maintenance::Maintenance;
 use crate::session::SessionStore;
 
@@ -27,7 +27,11 @@ pub const HTTP_HEADROOM: usize = 1024;
 
 /// Serves `listener` until shutdown begins, then stops accepting and
 /// asks every HTTP connection to finish; socket tasks watch the same signal.
-pub async fn run(listener: TcpListener, app: Arc<App>) {
+///
+/// The TCP limit below is `max_connections` as it was when this loop began
+/// (a reload changes the WebSocket limit, not this headroom).
+pub async fn run(listener: TcpListener, running: Arc<Running>) {
+    let app = running.current();
     let limit = Arc::new(Semaphore::new(
         app.config.server.max_connections as usize + HTTP_HEADROOM,
     ));
@@ -44,9 +48,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>) {
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                let app2 = app.clone();
+                let running = running.clone();
                 app.sockets.shutdown().spawn(async move {
-                    serve_connection(app2, stream, peer).await;
+                    serve_connection(running, stream, peer).await;
                     drop(permit);
                 });
             }
@@ -63,12 +67,38 @@ pub async fn run(listener: TcpListener, app: Arc<App>) {
     tracing::info!("stopped accepting connections");
 }
 
-async fn serve_connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
+async fn serve_connection(running: Arc<Running>, stream: TcpStream, peer: SocketAddr) {
     // Small frames are the common case; Nagle would add up to 40 ms to each.
     let _ = stream.set_nodelay(true);
-    let svc_app = app.clone();
+    let app = running.current();
+    let Some(tls) = app.tls.clone() else {
+        return serve_http(running, app, TokioIo::new(stream), peer).await;
+    };
+    // The TLS handshake counts against the same slowloris deadline as the
+    // request head; the gate finds the client's socket by this exact type
+    // (`TokioIo<tokio_rustls::server::TlsStream<TcpStream>>`).
+    let deadline = Duration::from_millis(app.config.server.handshake_timeout_ms);
+    let accepted = tokio::select! {
+        a = tokio::time::timeout(deadline, tls.acceptor.accept(stream)) => a,
+        _ = app.sockets.shutdown().begun() => return,
+    };
+    match accepted {
+        Ok(Ok(tls_stream)) => serve_http(running, app, TokioIo::new(tls_stream), peer).await,
+        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// One HTTP/1.1 connection (plain or TLS) until it ends or hands its
+/// socket to the gate.
+async fn serve_http<I>(running: Arc<Running>, app: Arc<App>, io: TokioIo<I>, peer: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = tower::service_fn(move |req| {
-        let app = svc_app.clone();
+        // One snapshot per request: a reload in between applies to the next
+        // request on this keep-alive connection, never to half of one.
+        let app = running.current();
         async move { Ok::<_, Infallible>(crate::http::handle(app, req, peer).await) }
     });
     let conn = http1::Builder::new()
@@ -77,7 +107,7 @@ async fn serve_connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
             app.config.server.handshake_timeout_ms,
         ))
         .max_buf_size(MAX_HEAD_BYTES)
-        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+        .serve_connection(io, TowerToHyperService::new(service))
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -90,6 +120,59 @@ async fn serve_connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+    }
+}
+
+/// Reloads the config on every SIGHUP until the process ends (never
+/// returns). Each outcome is logged once and counted in
+/// `portcullis_config_reloads_total{result}`.
+async fn reload_on_hangup(running: &Arc<Running>) {
+    #[cfg(unix)]
+    {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install a SIGHUP handler; reload is off");
+                return std::future::pending().await;
+            }
+        };
+        while hup.recv().await.is_some() {
+            reload_once(running).await;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+async fn reload_once(running: &Arc<Running>) {
+    let started = std::time::Instant::now();
+    let result = running.reload().await;
+    let app = running.current();
+    let label = if result.is_ok() { "ok" } else { "invalid" };
+    app.metrics
+        .config_reloads
+        .get_or_create(&crate::telemetry::ResultLabel { result: label })
+        .inc();
+    match result {
+        Ok(r) => {
+            for w in &r.warnings {
+                tracing::warn!("{w}");
+            }
+            if !r.restart_only.is_empty() {
+                tracing::warn!(
+                    keys = ?r.restart_only,
+                    "config reload: these settings changed but keep their running values until a restart"
+                );
+            }
+            tracing::info!(
+                hash = %r.hash,
+                routes = r.routes,
+                open_sockets = app.sockets.registry().open(),
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "config reloaded"
+            );
+        }
+        // The message is what `portcullis check` prints for the same file.
+        Err(e) => tracing::error!("config reload refused, running config kept: {e}"),
     }
 }
 
@@ -136,9 +219,10 @@ pub fn shard_count(configured: usize) -> usize {
 /// per streamed message). The calling runtime keeps the control work:
 /// signals, the store's background tasks, revocation and expiry sweeps.
 pub async fn run_until_signal(
-    app: Arc<App>,
+    running: Arc<Running>,
     listeners: Vec<std::net::TcpListener>,
 ) -> anyhow::Result<()> {
+    let app = running.current();
     let addr = listeners
         .first()
         .ok_or_else(|| anyhow::anyhow!("no listener"))?
@@ -156,6 +240,7 @@ pub async fn run_until_signal(
     let mut shards = Vec::new();
     for (i, std_listener) in listeners.into_iter().enumerate() {
         let app = app.clone();
+        let running = running.clone();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("portcullis-shard-{i}"))
@@ -172,7 +257,7 @@ pub async fn run_until_signal(
                         let _ = warm.store.ping().await;
                     });
                     match TcpListener::from_std(std_listener) {
-                        Ok(listener) => run(listener, app.clone()).await,
+                        Ok(listener) => run(listener, running).await,
                         Err(e) => tracing::error!(error = %e, "shard could not take its listener"),
                     }
                     // This runtime must outlive the sockets it drives: wait
@@ -184,9 +269,13 @@ pub async fn run_until_signal(
         shards.push(done_rx);
     }
     // Stdout, not the log: scripts and tests read the address from here.
-    println!("portcullis listening on http://{addr}");
+    let scheme = if app.tls.is_some() { "https" } else { "http" };
+    println!("portcullis listening on {scheme}://{addr}");
     tracing::info!(%addr, shards = shards.len(), routes = app.routes.iter().count(), "serving");
-    crate::shutdown::signal().await;
+    tokio::select! {
+        _ = crate::shutdown::signal() => {}
+        _ = reload_on_hangup(&running) => {}
+    }
     tracing::info!("shutdown signal received");
     let shutdown = app.sockets.shutdown();
     shutdown.trigger();

@@ -38,6 +38,30 @@ pub struct FaultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
+/// How long session-store calls take, by operation. One per process,
+/// shared by every [`Metrics`] registry (there is one per app; tests make
+/// several), so the store can record into it without holding a handle.
+pub fn store_latency() -> &'static Family<OpLabel, Histogram> {
+    static LATENCY: std::sync::OnceLock<Family<OpLabel, Histogram>> = std::sync::OnceLock::new();
+    LATENCY.get_or_init(|| {
+        Family::new_with_constructor(|| {
+            // 50 µs .. ~1.6 s: an in-memory call to a Redis timeout.
+            Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+        })
+    })
+}
+
+/// The loaded config's SHA-256: one series at a time, replaced on reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HashLabel {
+    pub hash: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseLabel {
     pub code: u16,
 }
@@ -60,6 +84,10 @@ pub struct Metrics {
     pub upgrades: Family<RouteResultLabel, Counter>,
     pub open_sockets: Gauge,
     pub closes: Family<CloseLabel, Counter>,
+    /// SIGHUP reloads by result: `ok`, `invalid` (refused, nothing changed).
+    pub config_reloads: Family<ResultLabel, Counter>,
+    /// `portcullis_config_info{hash="<sha256>"} 1` for the config in force.
+    config_info: Family<HashLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -136,7 +164,26 @@ impl Metrics {
             "Client WebSockets closed, by close code",
             closes.clone(),
         );
+        registry.register(
+            "store_request_duration_seconds",
+            "Session store call latency by operation (create, get, touch, delete, attach, heartbeat, ping)",
+            store_latency().clone(),
+        );
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads (SIGHUP) by result: ok, invalid",
+            config_reloads.clone(),
+        );
+        let config_info = Family::<HashLabel, Gauge>::default();
+        registry.register(
+            "config_info",
+            "The loaded config file's SHA-256 (label hash), value 1",
+            config_info.clone(),
+        );
         Metrics {
+            config_reloads,
+            config_info,
             registry,
             logins,
             password_checks,
@@ -152,13 +199,116 @@ impl Metrics {
         }
     }
 
-    /// OpenMetrics text, which Prometheus scrapes natively.
+    /// Shows `hash` as the config in force, and no other.
+    pub fn set_config_hash(&self, hash: &str) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&HashLabel {
+                hash: hash.to_string(),
+            })
+            .set(1);
+    }
+
+    /// The registry as OpenMetrics text (what `prometheus_client` writes).
     pub fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
     }
+
+    /// The registry in `format`.
+    pub fn render_as(&self, format: Exposition) -> String {
+        match format {
+            Exposition::OpenMetrics => self.render(),
+            Exposition::Prometheus => openmetrics_to_prometheus(&self.render()),
+        }
+    }
+}
+
+/// The two text formats `/metrics` speaks (SPEC §12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    /// Prometheus text format 0.0.4: the default, which every scraper reads.
+    Prometheus,
+    /// OpenMetrics 1.0.0, for a scraper whose `Accept` asks for it.
+    OpenMetrics,
+}
+
+impl Exposition {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Exposition::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+
+    /// Picks the format an `Accept` header asks for: OpenMetrics when it
+    /// names `application/openmetrics-text` with a weight above zero and
+    /// at least that of any `text/plain` it names (Prometheus itself sends
+    /// OpenMetrics at q=1 and text/plain at q=0.5); otherwise 0.0.4, also
+    /// for no `Accept`, `*/*` or anything unreadable.
+    pub fn negotiate(accept: Option<&str>) -> Exposition {
+        let (mut om, mut plain) = (0.0f32, 0.0f32);
+        for range in accept.unwrap_or("").split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+            match media.as_str() {
+                "application/openmetrics-text" => om = om.max(q),
+                "text/plain" => plain = plain.max(q),
+                _ => {}
+            }
+        }
+        if om > 0.0 && om >= plain {
+            Exposition::OpenMetrics
+        } else {
+            Exposition::Prometheus
+        }
+    }
+}
+
+/// Rewrites `prometheus_client`'s OpenMetrics text as Prometheus 0.0.4,
+/// which that crate does not write. The differences in what it emits: a
+/// counter family is named without `_total` in OpenMetrics' `# HELP` and
+/// `# TYPE` lines but with it in 0.0.4 (the samples already carry it);
+/// `# UNIT` and `# EOF` do not exist in 0.0.4; OpenMetrics' `info` and
+/// `unknown` types are 0.0.4's `gauge` (named `_info`) and `untyped`.
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    // A family's `# HELP` comes before its `# TYPE`: held until the type
+    // says what the family is called in 0.0.4.
+    let mut help: Option<(&str, &str)> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, doc) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, doc));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (suffix, kind) = match kind {
+                "counter" => ("_total", "counter"),
+                "info" => ("_info", "gauge"),
+                "unknown" | "stateset" | "gaugehistogram" => ("", "untyped"),
+                other => ("", other),
+            };
+            if let Some((help_name, doc)) = help.take().filter(|(n, _)| *n == name) {
+                out.push_str(&format!("# HELP {help_name}{suffix} {doc}\n"));
+            }
+            out.push_str(&format!("# TYPE {name}{suffix} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// A request target safe to log. Redacted, value and all:
@@ -334,6 +484,56 @@ mod tests {
                 redact_target("/ws/a.b.c", Some(harmless)),
                 format!("/ws/a.b.c?{harmless}")
             );
+        }
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_with_total_and_has_no_eof() {
+        let m = Metrics::new();
+        m.logins.get_or_create(&ResultLabel { result: "ok" }).inc();
+        let text = m.render_as(Exposition::Prometheus);
+        assert!(
+            text.contains("# TYPE portcullis_logins_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP portcullis_logins_total Login attempts by result"),
+            "{text}"
+        );
+        assert!(text.contains("portcullis_logins_total{result=\"ok\"} 1\n"));
+        assert!(text.contains("# TYPE portcullis_open_sockets gauge\n"));
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(m.render().ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn negotiation_prefers_0_0_4_unless_openmetrics_is_asked_for() {
+        use Exposition::*;
+        for (accept, want) in [
+            (None, Prometheus),
+            (Some("*/*"), Prometheus),
+            (Some("text/plain"), Prometheus),
+            (Some("text/plain;version=0.0.4;q=1,*/*;q=0.1"), Prometheus),
+            (Some("application/openmetrics-text;q=0"), Prometheus),
+            (
+                Some("application/openmetrics-text; version=1.0.0"),
+                OpenMetrics,
+            ),
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                OpenMetrics,
+            ),
+            (
+                Some("text/plain;q=0.9,application/openmetrics-text;q=0.5"),
+                Prometheus,
+            ),
+        ] {
+            assert_eq!(Exposition::negotiate(accept), want, "{accept:?}");
         }
     }
 

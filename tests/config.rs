@@ -48,6 +48,35 @@ fn default_env() -> HashMap<String, String> {
     ])
 }
 
+/// A self-signed certificate and its key in a directory removed on drop.
+struct CertDir(PathBuf);
+
+impl CertDir {
+    fn new() -> CertDir {
+        let dir = std::env::temp_dir().join(format!(
+            "portcullis-config-test-{}",
+            portcullis::ids::random_id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), made.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), made.signing_key.serialize_pem()).unwrap();
+        CertDir(dir)
+    }
+    fn cert(&self) -> PathBuf {
+        self.0.join("cert.pem")
+    }
+    fn key(&self) -> PathBuf {
+        self.0.join("key.pem")
+    }
+}
+
+impl Drop for CertDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The `*.toml` files directly in `dir`, sorted; none when `dir` is absent.
 fn toml_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -114,7 +143,16 @@ fn sample_configs_are_valid() {
     // Samples name their own variables; the test sets whatever they name.
     let files = toml_files(&root().join("config"));
     for path in &files {
-        let loaded = load_with(path, &|_| Some(SIGNING_KEY.to_string()));
+        let file = path.display().to_string();
+        let mut config = Config::parse(&file, &read(path)).unwrap_or_else(|e| panic!("{e}"));
+        // A TLS sample names where a deployment mounts its certificate;
+        // here it gets one made for the test.
+        let _certs = config.server.tls.as_mut().map(|tls| {
+            let dir = CertDir::new();
+            (tls.cert_file, tls.key_file) = (dir.cert(), dir.key());
+            dir
+        });
+        let loaded = config.validate(&file, &|_| Some(SIGNING_KEY.to_string()));
         if let Err(e) = loaded {
             panic!("sample config {} should be valid: {e}", path.display());
         }
@@ -138,6 +176,19 @@ fn valid_configs_validate() {
         "valid configs refused:\n{}",
         failures.join("\n")
     );
+}
+
+#[test]
+fn a_per_session_limit_above_the_gateways_is_only_a_warning() {
+    let loaded = valid("per_session_over_total.toml");
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    let w = &loaded.warnings[0];
+    assert!(
+        w.contains("server.max_connections_per_session (8)")
+            && w.contains("server.max_connections (4)"),
+        "{w}"
+    );
+    assert!(valid("full.toml").warnings.is_empty());
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! `deploy/docker-compose.yml` against the Compose Specification schema, the
 //! Dockerfile's shape, and the shipped configs through the real binary.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -9,6 +11,10 @@ use portcullis::config::Config;
 use serde_json::{Value, json};
 
 const COMPOSE: &str = "deploy/docker-compose.yml";
+/// The TLS variant, layered over [`COMPOSE`] with a second `-f`.
+const COMPOSE_TLS: &str = "deploy/docker-compose.tls.yml";
+const TLS_CONFIG: &str = "config/compose-tls.toml";
+const DASHBOARD: &str = "deploy/grafana/portcullis-dashboard.json";
 const DOCKERFILE: &str = "deploy/Dockerfile";
 /// Where the image's CMD reads its config and where compose mounts one.
 const CONFIG_IN_IMAGE: &str = "/etc/portcullis/portcullis.toml";
@@ -27,7 +33,11 @@ fn read(rel: &str) -> String {
 }
 
 fn compose_doc() -> Value {
-    serde_yaml::from_str(&read(COMPOSE)).unwrap_or_else(|e| panic!("{COMPOSE} is not YAML: {e}"))
+    yaml_doc(COMPOSE)
+}
+
+fn yaml_doc(rel: &str) -> Value {
+    serde_yaml::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not YAML: {e}"))
 }
 
 /// The Compose schema lives in the shared checkout beside the crate, not in
@@ -87,6 +97,148 @@ fn compose_file_matches_the_compose_schema() {
         "{COMPOSE} does not match the Compose schema:\n  {}",
         errors.join("\n  ")
     );
+}
+
+#[test]
+fn compose_tls_variant_matches_the_schema_and_mounts_its_config_and_certificates_read_only() {
+    let doc = yaml_doc(COMPOSE_TLS);
+    if let Some(validator) = compose_validator() {
+        let errors = schema_errors(&validator, &doc);
+        assert!(
+            errors.is_empty(),
+            "{COMPOSE_TLS} does not match the Compose schema:\n  {}",
+            errors.join("\n  ")
+        );
+    }
+    let svc = &doc["services"]["portcullis"];
+    assert_eq!(svc["ports"], json!(["8443:8443"]), "{COMPOSE_TLS}: ports");
+    let mounts: Vec<(&str, &str, bool)> = svc["volumes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{COMPOSE_TLS}: no volumes"))
+        .iter()
+        .map(|v| {
+            (
+                v["source"].as_str().unwrap_or_default(),
+                v["target"].as_str().unwrap_or_default(),
+                v["read_only"] == json!(true),
+            )
+        })
+        .collect();
+    assert!(
+        mounts.contains(&("../config/compose-tls.toml", CONFIG_IN_IMAGE, true)),
+        "{COMPOSE_TLS} must mount {TLS_CONFIG} read-only at {CONFIG_IN_IMAGE}: {mounts:?}"
+    );
+    assert!(
+        mounts.contains(&("./certs", "/etc/portcullis/tls", true)),
+        "{COMPOSE_TLS} must mount deploy/certs read-only at /etc/portcullis/tls: {mounts:?}"
+    );
+    // The config it mounts serves TLS from where the certificates go.
+    let config = Config::parse(TLS_CONFIG, &read(TLS_CONFIG)).unwrap_or_else(|e| panic!("{e}"));
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .unwrap_or_else(|| panic!("{TLS_CONFIG} has no [server.tls]"));
+    assert!(tls.cert_file.starts_with("/etc/portcullis/tls/"));
+    assert!(tls.key_file.starts_with("/etc/portcullis/tls/"));
+    assert_eq!(config.server.listen, "0.0.0.0:8443");
+}
+
+/// The TLS variant's config validates whole once certificates are where it
+/// says (made here with the test CA; a deployment mounts its own).
+#[test]
+fn compose_tls_config_validates_with_a_certificate() {
+    let dir = support::gateway::TempDir::new();
+    let ca = support::tls::TestCa::new("deploy test CA");
+    let leaf = ca.leaf(&["localhost"]);
+    std::fs::write(dir.0.join("cert.pem"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.0.join("key.pem"), &leaf.key_pem).unwrap();
+    let mut config = Config::parse(TLS_CONFIG, &read(TLS_CONFIG)).unwrap_or_else(|e| panic!("{e}"));
+    let tls = config.server.tls.as_mut().unwrap();
+    (tls.cert_file, tls.key_file) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    let loaded = config
+        .validate(TLS_CONFIG, &|_| Some(TEST_SIGNING_KEY.to_string()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(loaded.tls.is_some());
+}
+
+/// Every metric the Grafana dashboard queries is one the real binary's
+/// `/metrics` exports (by its `# TYPE` line, so a family with no samples
+/// yet counts), and the dashboard covers what an operator watches first.
+#[tokio::test]
+async fn grafana_dashboard_queries_only_metrics_the_binary_exports() {
+    let dash: Value = serde_json::from_str(&read(DASHBOARD))
+        .unwrap_or_else(|e| panic!("{DASHBOARD} is not JSON: {e}"));
+    assert!(dash["title"].is_string() && dash["uid"].is_string());
+    assert!(dash["schemaVersion"].as_u64().is_some_and(|v| v >= 30));
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut names = std::collections::BTreeSet::new();
+    for p in panels {
+        let title = p["title"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a panel without title: {p}"));
+        assert!(p["gridPos"].is_object(), "{title}: no gridPos");
+        let targets = p["targets"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{title}: no targets"));
+        assert!(!targets.is_empty(), "{title}: no queries");
+        for t in targets {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{title}: a target without expr"));
+            names.extend(metric_names(expr));
+        }
+    }
+    for wanted in [
+        "portcullis_open_sockets",
+        "portcullis_upgrades_total",
+        "portcullis_socket_closes_total",
+        "portcullis_sessions_revoked_total",
+        "portcullis_store_request_duration_seconds",
+        "portcullis_config_reloads_total",
+    ] {
+        assert!(
+            names.contains(wanted),
+            "{DASHBOARD} has no panel on {wanted}"
+        );
+    }
+
+    let gw = support::gateway::Gateway::start("", &support::gateway::config(None, ""));
+    let text = support::http::metrics(gw.addr).await;
+    let exported: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !exported.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{DASHBOARD} queries metrics the binary does not export: {missing:?}\nexported: {exported:?}"
+    );
+}
+
+/// `portcullis_*` names in a PromQL expression, histogram series folded
+/// into their family (`_bucket`, `_sum`, `_count`).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("portcullis_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name)
+            .to_string();
+        out.push(family);
+    }
+    out
 }
 
 #[test]

@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["proxy"],
     &["sockets"],
     &["error"],
-    &["session", "token", "auth", "routing", "hooks"],
+    &["session", "token", "auth", "routing", "hooks", "tls"],
     &["config"],
     &["formats"],
     &["ids", "time", "telemetry", "shutdown", "outbound"],

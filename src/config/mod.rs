@@ -12,12 +12,15 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use rustls::RootCertStore;
+use rustls::sign::CertifiedKey;
 use serde::Deserialize;
 
 pub use crate::formats::private_key::Algorithm;
 pub use secret::{KeyMaterial, Secret};
-pub use validate::ValidatedKeys;
+pub use validate::{Secrets, ValidatedKeys};
 
 use defaults::*;
 
@@ -96,6 +99,19 @@ pub struct ServerConfig {
     /// `SO_REUSEPORT` listener; 0 = one per core.
     #[serde(default)]
     pub worker_threads: usize,
+    /// SPEC §12: serve HTTPS and `wss://` with this certificate and key;
+    /// absent = plain HTTP. Both files are read again on `SIGHUP`.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: PEM files, relative paths against the config's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1 PEM): a secret.
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -131,7 +147,7 @@ pub struct SessionsConfig {
 /// `[sessions.hooks]`: where the runtime hears of sessions. The secret
 /// itself is loaded by `validate` into [`Loaded::hook_secret`], never kept
 /// here.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HooksConfig {
     /// `POST {"session_id","user","expires_at"}` before any token exists.
@@ -246,7 +262,7 @@ pub enum Mode {
     Shared,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,
@@ -266,6 +282,9 @@ pub struct RouteConfig {
     /// hold unbounded memory.
     #[serde(default = "default_replay_bytes")]
     pub replay_bytes: usize,
+    /// SPEC §12: the CA (PEM) that `wss://` upstreams' certificates must
+    /// chain to, instead of the system roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -283,6 +302,7 @@ impl Default for ServerConfig {
             pong_timeout_ms: default_pong_timeout_ms(),
             io_buffer_bytes: default_io_buffer_bytes(),
             worker_threads: 0,
+            tls: None,
         }
     }
 }
@@ -343,16 +363,68 @@ pub struct Loaded {
     pub keys: ValidatedKeys,
     /// The HMAC key of `[sessions.hooks]`, when hooks are configured.
     pub hook_secret: Option<Secret>,
+    /// Settings that are valid but probably not what was meant (a limit
+    /// that never binds); logged at start and reload, printed by `check`.
+    pub warnings: Vec<String>,
+    /// SHA-256 of the file's text, hex (empty when not read from a file):
+    /// `/metrics` shows which config is loaded.
+    pub hash: String,
+    /// `[server.tls]`'s certificate and key, read and matched.
+    pub tls: Option<Arc<CertifiedKey>>,
+    /// Per route (by index), the roots its `ca_file` names, if it names one.
+    pub route_roots: Vec<Option<Arc<RootCertStore>>>,
+}
+
+/// What `portcullis check` reports.
+#[derive(Debug)]
+pub struct Checked {
+    pub config: Config,
+    pub listen: SocketAddr,
+    pub warnings: Vec<String>,
+    /// Secrets that could not be read and were not checked (only under
+    /// [`Secrets::SkipUnreadable`]), each saying which key and why.
+    pub unchecked_secrets: Vec<ConfigError>,
 }
 
 impl Config {
     /// Reads, parses and validates `path`; the environment supplies secrets.
+    /// `serve`, reload and `check` all go through here (`check` by
+    /// [`Config::check`]), so they agree on what is valid and say it in the
+    /// same words.
     pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+        let file = path.display().to_string();
+        let (validated, hash) = Self::validate_file(path, Secrets::Required)?;
+        let mut loaded = validated.into_loaded(&file)?;
+        loaded.hash = hash;
+        Ok(loaded)
+    }
+
+    /// What `portcullis check` runs: [`Config::load`]'s validation, with
+    /// unreadable secrets listed instead of fatal under
+    /// [`Secrets::SkipUnreadable`].
+    pub fn check(path: &Path, secrets: Secrets) -> Result<Checked, ConfigError> {
+        let (v, _) = Self::validate_file(path, secrets)?;
+        Ok(Checked {
+            config: v.config,
+            listen: v.listen,
+            warnings: v.warnings,
+            unchecked_secrets: v.unchecked,
+        })
+    }
+
+    fn validate_file(
+        path: &Path,
+        secrets: Secrets,
+    ) -> Result<(validate::Validated, String), ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(&file, "(file)", format!("cannot read: {e}")))?;
         let config = Self::parse(&file, &text)?;
-        config.validate(&file, &|name| std::env::var(name).ok())
+        let validated =
+            validate::validate(config, &file, &|name| std::env::var(name).ok(), secrets)?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        let hash = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        Ok((validated, hash))
     }
 
     /// Parses TOML, reporting the failing key by its path.
@@ -391,6 +463,6 @@ impl Config {
         file: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Loaded, ConfigError> {
-        validate::validate(self, file, env)
+        validate::validate(self, file, env, Secrets::Required)?.into_loaded(file)
     }
 }

@@ -1,17 +1,23 @@
 //! Checks a parsed config can actually run, and loads its key material.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::sign::CertifiedKey;
 
 use url::Url;
 
 use super::defaults::{DEFAULT_HOOK_SECRET_ENV, DEFAULT_SIGNING_KEY_ENV};
 use super::{
     Algorithm, AuthKind, Config, ConfigError, KeyMaterial, Loaded, Mode, Secret, StoreKind,
+    TlsConfig,
 };
 use crate::formats::password_hash::check_argon2id;
 use crate::formats::path::PathPattern;
 use crate::formats::private_key::parse_private_pem;
+use crate::formats::tls::{TlsFileError, certificates, certified_key, root_store};
 
 /// Paths the gateway answers itself; no route may shadow them.
 const RESERVED_PREFIXES: &[&str] = &["/api/auth", "/api/session"];
@@ -36,13 +42,63 @@ pub struct ValidatedKeys {
     pub previous: Vec<KeyMaterial>,
 }
 
+/// What validation does with a secret it cannot read (a variable not set,
+/// a key file it may not open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// Every secret must be there and valid: `serve`, reload, plain `check`.
+    Required,
+    /// `check --skip-secrets`, for a CI job without the secrets: an
+    /// unreadable secret is listed as not checked instead of failing. A
+    /// secret that *is* readable is still checked (length, PEM kind).
+    SkipUnreadable,
+}
+
+/// The result of validation, before it is split into what `serve` needs
+/// ([`Loaded`]) or what `check` reports ([`super::Checked`]).
+pub(super) struct Validated {
+    pub config: Config,
+    pub listen: SocketAddr,
+    /// `None` only under [`Secrets::SkipUnreadable`] with a secret unread.
+    pub keys: Option<ValidatedKeys>,
+    pub warnings: Vec<String>,
+    /// Secrets that could not be read and so were not checked.
+    pub unchecked: Vec<ConfigError>,
+    /// `None` also when its key was skipped.
+    pub tls: Option<Arc<CertifiedKey>>,
+    pub route_roots: Vec<Option<Arc<RootCertStore>>>,
+    pub hook_secret: Option<Secret>,
+}
+
+impl Validated {
+    pub(super) fn into_loaded(self, file: &str) -> Result<Loaded, ConfigError> {
+        // Under `Secrets::Required` every unreadable secret was an error
+        // already; this only guards against a caller mixing the modes.
+        let keys = self
+            .keys
+            .ok_or_else(|| ConfigError::new(file, "tokens", "key material was not loaded"))?;
+        Ok(Loaded {
+            config: self.config,
+            listen: self.listen,
+            keys,
+            hook_secret: self.hook_secret,
+            warnings: self.warnings,
+            hash: String::new(),
+            tls: self.tls,
+            route_roots: self.route_roots,
+        })
+    }
+}
+
 pub(super) fn validate(
     config: Config,
     file: &str,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Loaded, ConfigError> {
+    secrets: Secrets,
+) -> Result<Validated, ConfigError> {
     let err = |key: &str, msg: String| ConfigError::new(file, key, msg);
     let s = &config.server;
+    let mut warnings = Vec::new();
 
     let listen: SocketAddr = s.listen.parse().map_err(|_| {
         err(
@@ -61,13 +117,19 @@ pub(super) fn validate(
     if s.max_connections == 0 {
         return Err(err("server.max_connections", "must be at least 1".into()));
     }
-    if s.max_connections_per_session == 0 || s.max_connections_per_session > s.max_connections {
+    if s.max_connections_per_session == 0 {
         return Err(err(
             "server.max_connections_per_session",
-            format!(
-                "must be between 1 and server.max_connections ({})",
-                s.max_connections
-            ),
+            "must be at least 1".into(),
+        ));
+    }
+    // Not an error: a per-session limit above the gateway's simply never
+    // binds, and refusing it made `max_connections = 2` alone fail on a
+    // default the operator never wrote.
+    if s.max_connections_per_session > s.max_connections {
+        warnings.push(format!(
+            "{file}: server.max_connections_per_session ({}) is above server.max_connections ({}); it never binds",
+            s.max_connections_per_session, s.max_connections
         ));
     }
     if s.handshake_timeout_ms == 0 {
@@ -102,6 +164,13 @@ pub(super) fn validate(
         ));
     }
 
+    let mut unchecked = Vec::new();
+    let base = Path::new(file).parent().unwrap_or(Path::new("."));
+    let tls = match &s.tls {
+        Some(t) => server_tls(file, base, t, secrets, &mut unchecked)?,
+        None => None,
+    };
+
     let ss = &config.sessions;
     if ss.store == StoreKind::Redis {
         let url = Url::parse(&ss.redis_url)
@@ -130,9 +199,9 @@ pub(super) fn validate(
         ));
     }
 
-    let keys = load_keys(&config, file, env)?;
+    let keys = load_keys(&config, file, env, secrets, &mut unchecked)?;
     let hook_secret = match &ss.hooks {
-        Some(h) => Some(load_hooks(h, file, env)?),
+        Some(h) => load_hooks(h, file, env, secrets, &mut unchecked)?,
         None => None,
     };
 
@@ -172,6 +241,7 @@ pub(super) fn validate(
     }
 
     let mut patterns: Vec<PathPattern> = Vec::new();
+    let mut route_roots = Vec::with_capacity(config.routes.len());
     for (i, r) in config.routes.iter().enumerate() {
         let key = |k: &str| format!("routes[{i}].{k}");
         if r.name.is_empty() {
@@ -226,18 +296,29 @@ pub(super) fn validate(
                     format!("{u:?} must be a ws:// or wss:// URL with a host and no fragment"),
                 ));
             }
-            if url.scheme() == "wss" {
-                // Refused loudly rather than dialled wrongly: the relay works
-                // on raw TCP sockets and TLS to runtimes is not built yet.
-                // Sidecar runtimes are reached over ws:// on the local network.
-                return Err(err(
-                    &ukey,
-                    format!(
-                        "{u:?}: wss:// upstreams are not supported yet; use ws:// to a runtime on the local network"
-                    ),
-                ));
-            }
         }
+        let roots = match &r.ca_file {
+            Some(path) => {
+                let full = resolve(base, path);
+                let pem = std::fs::read(&full).map_err(|e| {
+                    err(
+                        &key("ca_file"),
+                        format!("cannot read {}: {e}", full.display()),
+                    )
+                })?;
+                let roots = root_store(&pem)
+                    .map_err(|m| err(&key("ca_file"), format!("{}: {m}", full.display())))?;
+                if !r.upstreams.iter().any(|u| u.starts_with("wss://")) {
+                    warnings.push(format!(
+                        "{file}: {}: set, but no upstream of the route is wss://",
+                        key("ca_file")
+                    ));
+                }
+                Some(Arc::new(roots))
+            }
+            None => None,
+        };
+        route_roots.push(roots);
         if r.max_message_bytes == 0 || r.max_message_bytes > MAX_MESSAGE_LIMIT {
             return Err(err(
                 &key("max_message_bytes"),
@@ -263,12 +344,58 @@ pub(super) fn validate(
         }
     }
 
-    Ok(Loaded {
+    Ok(Validated {
         config,
         listen,
         keys,
         hook_secret,
+        warnings,
+        unchecked,
+        tls,
+        route_roots,
     })
+}
+
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+/// `[server.tls]`: the certificate is read and parsed always; the key is a
+/// secret (`check --skip-secrets` may leave it unread, and then the pair is
+/// not matched).
+fn server_tls(
+    file: &str,
+    base: &Path,
+    t: &TlsConfig,
+    secrets: Secrets,
+    unchecked: &mut Vec<ConfigError>,
+) -> Result<Option<Arc<CertifiedKey>>, ConfigError> {
+    const CERT: &str = "server.tls.cert_file";
+    const KEY: &str = "server.tls.key_file";
+    let (cert_path, key_path) = (resolve(base, &t.cert_file), resolve(base, &t.key_file));
+    // Every error names the key and the file it points at.
+    let at = |key: &str, path: &Path, m: String| {
+        ConfigError::new(file, key, format!("{}: {m}", path.display()))
+    };
+    let read = |key: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| at(key, path, format!("cannot read: {e}")))
+    };
+    let cert = read(CERT, &cert_path)?;
+    let key = read(KEY, &key_path).map(Secret::new);
+    let Some(key) = read_or_skip(key, secrets, unchecked)? else {
+        certificates(&cert).map_err(|m| at(CERT, &cert_path, m))?;
+        return Ok(None);
+    };
+    certified_key(&cert, key.expose())
+        .map(Some)
+        .map_err(|e| match e {
+            TlsFileError::Cert(m) => at(CERT, &cert_path, m),
+            TlsFileError::Key(m) => at(KEY, &key_path, m),
+        })
 }
 
 fn is_origin(s: &str) -> bool {
@@ -291,7 +418,9 @@ fn load_hooks(
     h: &super::HooksConfig,
     file: &str,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Secret, ConfigError> {
+    secrets: Secrets,
+    unchecked: &mut Vec<ConfigError>,
+) -> Result<Option<Secret>, ConfigError> {
     let err = |key: &str, msg: String| ConfigError::new(file, key, msg);
     for (key, url) in [
         ("sessions.hooks.on_create", &h.on_create),
@@ -327,7 +456,7 @@ fn load_hooks(
         ));
     }
     let base = Path::new(file).parent().unwrap_or(Path::new("."));
-    let secret = read_key(
+    let read = read_key(
         file,
         base,
         (
@@ -336,7 +465,10 @@ fn load_hooks(
         ),
         ("sessions.hooks.secret_file", h.secret_file.as_deref()),
         env,
-    )?;
+    );
+    let Some(secret) = read_or_skip(read, secrets, unchecked)? else {
+        return Ok(None);
+    };
     // An HMAC key shorter than the hash gives less than its strength.
     if secret.expose().len() < MIN_HS256_KEY_BYTES {
         let key = if h.secret_file.is_some() {
@@ -352,14 +484,33 @@ fn load_hooks(
             ),
         ));
     }
-    Ok(secret)
+    Ok(Some(secret))
+}
+
+/// Reads a secret; under [`Secrets::SkipUnreadable`] one that cannot be
+/// read is recorded in `unchecked` and comes back `None`.
+fn read_or_skip(
+    read: Result<Secret, ConfigError>,
+    secrets: Secrets,
+    unchecked: &mut Vec<ConfigError>,
+) -> Result<Option<Secret>, ConfigError> {
+    match (read, secrets) {
+        (Ok(secret), _) => Ok(Some(secret)),
+        (Err(e), Secrets::SkipUnreadable) => {
+            unchecked.push(e);
+            Ok(None)
+        }
+        (Err(e), Secrets::Required) => Err(e),
+    }
 }
 
 fn load_keys(
     config: &Config,
     file: &str,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<ValidatedKeys, ConfigError> {
+    secrets: Secrets,
+    unchecked: &mut Vec<ConfigError>,
+) -> Result<Option<ValidatedKeys>, ConfigError> {
     let t = &config.tokens;
     let base = Path::new(file).parent().unwrap_or(Path::new("."));
     if t.signing_key_env.is_some() && t.signing_key_file.is_some() {
@@ -369,25 +520,31 @@ fn load_keys(
             "set either signing_key_env or signing_key_file, not both",
         ));
     }
-    let signing = read_key(
-        file,
-        base,
-        (
-            "tokens.signing_key_env",
-            t.signing_key_env.as_deref().or(t
-                .signing_key_file
-                .is_none()
-                .then_some(DEFAULT_SIGNING_KEY_ENV)),
+    let signing = read_or_skip(
+        read_key(
+            file,
+            base,
+            (
+                "tokens.signing_key_env",
+                t.signing_key_env.as_deref().or(t
+                    .signing_key_file
+                    .is_none()
+                    .then_some(DEFAULT_SIGNING_KEY_ENV)),
+            ),
+            ("tokens.signing_key_file", t.signing_key_file.as_deref()),
+            env,
         ),
-        ("tokens.signing_key_file", t.signing_key_file.as_deref()),
-        env,
+        secrets,
+        unchecked,
     )?;
     let signing_key = if t.signing_key_file.is_some() {
         "tokens.signing_key_file"
     } else {
         "tokens.signing_key_env"
     };
-    check_key(file, signing_key, t.algorithm, &signing)?;
+    if let Some(signing) = &signing {
+        check_key(file, signing_key, t.algorithm, signing)?;
+    }
     if t.kid.is_empty() {
         return Err(ConfigError::new(file, "tokens.kid", "must not be empty"));
     }
@@ -416,31 +573,40 @@ fn load_keys(
                 "set exactly one of key_env or key_file",
             ));
         }
-        let secret = read_key(
-            file,
-            base,
-            (&format!("{prefix}.key_env"), p.key_env.as_deref()),
-            (&format!("{prefix}.key_file"), p.key_file.as_deref()),
-            env,
+        let secret = read_or_skip(
+            read_key(
+                file,
+                base,
+                (&format!("{prefix}.key_env"), p.key_env.as_deref()),
+                (&format!("{prefix}.key_file"), p.key_file.as_deref()),
+                env,
+            ),
+            secrets,
+            unchecked,
         )?;
         let source = if p.key_file.is_some() {
             "key_file"
         } else {
             "key_env"
         };
-        check_key(file, &format!("{prefix}.{source}"), t.algorithm, &secret)?;
-        previous.push(KeyMaterial {
-            kid: p.kid.clone(),
-            secret,
-        });
+        if let Some(secret) = secret {
+            check_key(file, &format!("{prefix}.{source}"), t.algorithm, &secret)?;
+            previous.push(KeyMaterial {
+                kid: p.kid.clone(),
+                secret,
+            });
+        }
     }
-    Ok(ValidatedKeys {
+    if !unchecked.is_empty() {
+        return Ok(None);
+    }
+    Ok(signing.map(|secret| ValidatedKeys {
         signing: KeyMaterial {
             kid: t.kid.clone(),
-            secret: signing,
+            secret,
         },
         previous,
-    })
+    }))
 }
 
 fn read_key(

@@ -10,7 +10,7 @@ use anyhow::Context;
 use base64::Engine;
 use tokio::net::TcpListener;
 
-use crate::app::App;
+use crate::app::{App, Running};
 use crate::config::Config;
 
 pub const DEMO_USER: &str = "demo";
@@ -32,7 +32,7 @@ fn random_b64(n: usize) -> String {
 /// Binds, starts the echo runtime and builds the app; the caller serves.
 pub async fn prepare(
     listen: Option<SocketAddr>,
-) -> anyhow::Result<(Arc<App>, TcpListener, Credentials)> {
+) -> anyhow::Result<(Arc<Running>, TcpListener, Credentials)> {
     let listener = match listen {
         Some(addr) => TcpListener::bind(addr)
             .await
@@ -92,7 +92,7 @@ upstreams = ["ws://{echo_addr}/"]
     let mut app = App::build(loaded).await?;
     app.demo_page = Some(PAGE.to_string());
     Ok((
-        app.into_shared(),
+        Running::new(app, None),
         listener,
         Credentials {
             username: DEMO_USER.to_string(),

@@ -17,3 +17,4 @@
 pub mod password_hash;
 pub mod path;
 pub mod private_key;
+pub mod tls;

@@ -33,6 +33,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_util::either::Either as Io;
 
 use crate::config::{Mode, ServerConfig};
 use crate::error::{ApiError, Body};
@@ -40,6 +41,7 @@ use crate::hub::Hubs;
 use crate::ids::connection_id;
 use crate::proxy::dial::{Dialled, UpstreamRequest, dial};
 use crate::proxy::relay::{self, Outcome, Pair, RelayConfig};
+use crate::proxy::tls_io::TlsIo;
 use crate::routing::Route;
 use crate::session::{
     Attach, LeaseRequest, SessionRecord, SessionStore, Store, UserAttach, UserLease,
@@ -279,18 +281,32 @@ impl Gate {
             ..
         } = dialled;
         let socket = on_upgrade.then(move |upgraded| {
-            match upgraded.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
-                Ok(Ok(parts)) => {
-                    let pair = Pair {
-                        client: parts.io.into_inner(),
-                        client_early: parts.read_buf,
-                        upstream,
-                        upstream_early,
-                        deflate,
-                    };
-                    Either::Left(relay::relay(pair, cfg, close_rx))
-                }
-                _ => Either::Right(std::future::ready(Outcome::Dropped)),
+            let client = match upgraded.map(client_io) {
+                Ok(Some(c)) => c,
+                _ => return Either::Right(std::future::ready(Outcome::Dropped)),
+            };
+            let (client, client_early) = client;
+            let early = (client_early, upstream_early);
+            // Each pairing is its own relay instance. The plain pair stays
+            // inline in the task (the zero-buffer path, as small as before);
+            // a pair with a TLS side is boxed beside rustls' own buffers.
+            match (client, upstream) {
+                (Either::Left(c), Io::Left(u)) => Either::Left(Either::Left(relay::relay(
+                    Pair::new(c, u, early, deflate),
+                    cfg,
+                    close_rx,
+                ))),
+                (Either::Left(c), Io::Right(u)) => Either::Left(Either::Right(
+                    relay::relay(Pair::new(c, upstream_tls(u), early, deflate), cfg, close_rx)
+                        .boxed(),
+                )),
+                (Either::Right(c), Io::Left(u)) => Either::Left(Either::Right(
+                    relay::relay(Pair::new(c, u, early, deflate), cfg, close_rx).boxed(),
+                )),
+                (Either::Right(c), Io::Right(u)) => Either::Left(Either::Right(
+                    relay::relay(Pair::new(c, upstream_tls(u), early, deflate), cfg, close_rx)
+                        .boxed(),
+                )),
             }
         });
         // Hold the least-connections count while the socket lives.
@@ -299,6 +315,27 @@ impl Gate {
             .spawn(socket.map(Outcome::gateway_code), a.held);
         Ok(resp)
     }
+}
+
+/// The client's side of an upgraded connection, by what the listener
+/// accepted it as, with the bytes hyper had already read past the request.
+fn client_io(up: hyper::upgrade::Upgraded) -> Option<(Either<TcpStream, TlsIo>, bytes::Bytes)> {
+    match up.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Some((Either::Left(parts.io.into_inner()), parts.read_buf)),
+        Err(up) => {
+            let parts = up
+                .downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>()
+                .ok()?;
+            let (tcp, conn) = parts.io.into_inner().into_inner();
+            Some((Either::Right(TlsIo::new(tcp, conn)), parts.read_buf))
+        }
+    }
+}
+
+/// A dialled `wss://` runtime as the relay drives it.
+fn upstream_tls(tls: Box<tokio_rustls::client::TlsStream<TcpStream>>) -> TlsIo {
+    let (tcp, conn) = (*tls).into_inner();
+    TlsIo::new(tcp, conn)
 }
 
 /// Tries the route's upstreams in balance order, each at most once, until
@@ -312,6 +349,7 @@ async fn dial_route(a: &Admitted<'_>) -> Option<(usize, Dialled)> {
             headers: &a.headers,
             protocols: a.offered.others.clone(),
             extensions: a.deflate_offer.clone(),
+            tls: route.tls.clone(),
         };
         match tokio::time::timeout_at(a.deadline, dial(req)).await {
             Ok(Ok(d)) => {

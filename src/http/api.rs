@@ -13,7 +13,7 @@ use crate::app::App;
 use crate::config::Secret;
 use crate::error::{ApiError, Body, empty_response, json_response};
 use crate::session::{SessionRecord, SessionStore, Store};
-use crate::telemetry::{Metrics, ReasonLabel, ResultLabel};
+use crate::telemetry::{Exposition, Metrics, ReasonLabel, ResultLabel};
 use crate::time::rfc3339;
 use crate::token::credentials::{self, COOKIE_NAME};
 use crate::token::{Claims, Issued, TokenService};
@@ -353,12 +353,19 @@ pub async fn readyz(store: &Store, metrics: &Metrics) -> Response<Body> {
     }
 }
 
-pub fn metrics(metrics: &Metrics) -> Response<Body> {
-    let mut resp = Response::new(http_body_util::Full::new(Bytes::from(metrics.render())));
+/// Prometheus text 0.0.4 unless the scraper's `Accept` asks for
+/// OpenMetrics (SPEC §12).
+pub fn metrics(metrics: &Metrics, accept: Option<&HeaderValue>) -> Response<Body> {
+    let format = Exposition::negotiate(accept.and_then(|v| v.to_str().ok()));
+    let mut resp = Response::new(http_body_util::Full::new(Bytes::from(
+        metrics.render_as(format),
+    )));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        HeaderValue::from_static(format.content_type()),
     );
+    resp.headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("Accept"));
     resp
 }
 

@@ -153,7 +153,8 @@ async fn dispatch(
         ),
         "/metrics" => (
             "metrics",
-            only(&req, Method::GET, "GET").map(|()| api::metrics(&app.metrics)),
+            only(&req, Method::GET, "GET")
+                .map(|()| api::metrics(&app.metrics, req.headers().get(header::ACCEPT))),
         ),
         "/.well-known/jwks.json" => (
             "jwks",

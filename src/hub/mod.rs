@@ -706,7 +706,7 @@ fn from_runtime(
 async fn run(
     hub: Arc<Hub>,
     hubs: Hubs,
-    ws: WebSocketStream<tokio::net::TcpStream>,
+    ws: WebSocketStream<crate::proxy::dial::UpstreamIo>,
     rx: mpsc::Receiver<Message>,
     close_rx: CloseRx,
     side: Option<(remote::HubSide, oneshot::Receiver<()>)>,
@@ -789,7 +789,10 @@ async fn run(
 /// none when the runtime closed first: then `close` flushes the reply
 /// tungstenite queued).
 async fn write_upstream(
-    mut sink: futures_util::stream::SplitSink<WebSocketStream<tokio::net::TcpStream>, Message>,
+    mut sink: futures_util::stream::SplitSink<
+        WebSocketStream<crate::proxy::dial::UpstreamIo>,
+        Message,
+    >,
     mut rx: mpsc::Receiver<Message>,
     mut stop: oneshot::Receiver<Option<CloseFrame>>,
 ) {

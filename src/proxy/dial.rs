@@ -15,8 +15,10 @@ use http::header::{
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_util::either::Either;
 use url::Url;
 
 /// Largest response head accepted from a runtime (as for client requests).
@@ -33,6 +35,10 @@ pub enum DialError {
     Connect(std::io::Error),
     #[error("handshake i/o: {0}")]
     Io(std::io::Error),
+    /// The TLS handshake failed: most often a certificate the route does
+    /// not trust or that names another host.
+    #[error("tls: {0}")]
+    Tls(std::io::Error),
     #[error("runtime closed the connection during the handshake")]
     Closed,
     #[error("runtime's response head is not valid HTTP: {0}")]
@@ -47,7 +53,7 @@ pub enum DialError {
 
 /// A completed upstream handshake.
 pub struct Dialled {
-    pub stream: TcpStream,
+    pub stream: UpstreamIo,
     /// Frames the runtime sent right behind its `101`.
     pub early: Bytes,
     /// The subprotocol the runtime chose, if any.
@@ -70,20 +76,49 @@ pub struct UpstreamRequest<'a> {
     /// The client's permessage-deflate offers (exclusive routes only; see
     /// [`crate::gate::upgrade::deflate_offer`]).
     pub extensions: Option<HeaderValue>,
+    /// The route's TLS client config, for `wss://` URLs.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
+
+/// A runtime connection: plain for `ws://`, TLS for `wss://`. The TLS side
+/// is boxed: rustls' connection state is over a KiB inline, and the socket
+/// task holds this value until the client's upgrade completes, so an
+/// unboxed variant would make every plain socket's task that much larger.
+pub type UpstreamIo = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 pub async fn dial(req: UpstreamRequest<'_>) -> Result<Dialled, DialError> {
     let host = req.url.host_str().unwrap_or_default();
     let port = req.url.port_or_known_default().unwrap_or(80);
     // An IP literal resolves without touching DNS; names go through
     // tokio's resolver (off the async workers).
-    let mut stream = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let stream = TcpStream::connect((bare, port))
         .await
         .map_err(DialError::Connect)?;
     let _ = stream.set_nodelay(true);
+    if req.url.scheme() != "wss" {
+        return handshake(req, Either::Left(stream)).await;
+    }
+    // SNI and the name the certificate must carry: the URL's host.
+    let cfg = req.tls.clone().ok_or(DialError::BadHandshake(
+        "a wss:// upstream on a route without a TLS client config",
+    ))?;
+    let name = rustls::pki_types::ServerName::try_from(bare.to_string())
+        .map_err(|_| DialError::Tls(std::io::Error::other("not a valid TLS server name")))?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, stream)
+        .await
+        .map_err(DialError::Tls)?;
+    handshake(req, Either::Right(Box::new(tls))).await
+}
+
+/// The WebSocket client handshake on a connected stream.
+async fn handshake(req: UpstreamRequest<'_>, mut stream: UpstreamIo) -> Result<Dialled, DialError> {
     let key = generate_key();
     let head = request_head(&req, &key);
     stream.write_all(&head).await.map_err(DialError::Io)?;
+    // TLS buffers what it writes; a plain socket's flush does nothing.
+    stream.flush().await.map_err(DialError::Io)?;
     drop(head);
 
     let mut buf = vec![0u8; FIRST_READ];
@@ -488,6 +523,7 @@ mod tests {
                 headers: &headers,
                 protocols: None,
                 extensions: None,
+                tls: None,
             }),
         )
         .await
@@ -569,6 +605,7 @@ mod tests {
             headers: &headers,
             protocols: Some("chat".into()),
             extensions: None,
+            tls: None,
         };
         let head = request_head(&req, "dGhlIHNhbXBsZSBub25jZQ==");
         let mut parsed = [httparse::EMPTY_HEADER; 16];

@@ -5,6 +5,7 @@
 pub mod dial;
 pub mod frames;
 pub mod relay;
+pub mod tls_io;
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 

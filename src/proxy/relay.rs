@@ -112,7 +112,7 @@ enum Pass {
 impl Dir {
     /// Adds `bytes` to what the destination is owed, writing directly when
     /// nothing is queued ahead of them.
-    fn send(&mut self, dst: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+    fn send<D: Endpoint>(&mut self, dst: &mut D, bytes: &[u8]) -> io::Result<()> {
         let mut off = 0;
         if self.pending.is_empty() {
             while off < bytes.len() {
@@ -128,7 +128,8 @@ impl Dir {
         Ok(())
     }
 
-    fn flush(&mut self, dst: &TcpStream) -> io::Result<()> {
+    fn flush<D: Endpoint>(&mut self, dst: &mut D) -> io::Result<()> {
+        dst.flush_backlog()?;
         while !self.pending.is_empty() {
             match dst.try_write(&self.pending) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -146,7 +147,7 @@ impl Dir {
 
     /// Runs `buf` (carry + new bytes) through the tracker and forwards what
     /// may pass.
-    fn forward(&mut self, buf: &[u8], dst: &TcpStream, max: u64, pass: Pass) -> Step {
+    fn forward<D: Endpoint>(&mut self, buf: &[u8], dst: &mut D, max: u64, pass: Pass) -> Step {
         if pass == Pass::FinishFrame {
             let take = self.tracker.remaining().min(buf.len() as u64) as usize;
             let scan = self.tracker.scan(&buf[..take], max);
@@ -171,7 +172,13 @@ impl Dir {
     }
 
     /// One read-scan-write step from `src` to `dst`.
-    fn pump(&mut self, src: &TcpStream, dst: &TcpStream, cfg: &RelayConfig, pass: Pass) -> Step {
+    fn pump<S: Endpoint, D: Endpoint>(
+        &mut self,
+        src: &mut S,
+        dst: &mut D,
+        cfg: &RelayConfig,
+        pass: Pass,
+    ) -> Step {
         SCRATCH.with(|scratch| {
             let mut buf = scratch.borrow_mut();
             let want = cfg.io_buffer + MAX_HEADER;
@@ -179,7 +186,7 @@ impl Dir {
                 buf.resize(want, 0);
             }
             buf[..self.carry_len].copy_from_slice(&self.carry[..self.carry_len]);
-            let n = match read_some(src, &mut buf[self.carry_len..want]) {
+            let n = match src.read_some(&mut buf[self.carry_len..want]) {
                 Ok(0) => return Step::Eof,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Nothing,
@@ -194,7 +201,7 @@ impl Dir {
     }
 
     /// Injects a frame of ours if this direction is between frames.
-    fn inject(&mut self, dst: &TcpStream, frame: &[u8]) -> bool {
+    fn inject<D: Endpoint>(&mut self, dst: &mut D, frame: &[u8]) -> bool {
         self.tracker.at_boundary() && self.send(dst, frame).is_ok()
     }
 }
@@ -221,21 +228,74 @@ fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// One side of a relayed connection as the pump drives it: readiness,
+/// reads and writes that never block. A plain TCP socket is one directly,
+/// with nothing buffered (the zero-buffer path); a TLS socket
+/// ([`super::tls_io::TlsIo`]) keeps rustls' bounded record buffers between
+/// the pump and the socket.
+pub trait Endpoint: Send + Unpin {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// What is there, into `buf`; `WouldBlock` when nothing is, `Ok(0)` at
+    /// the end of the stream.
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// As much of `buf` as the endpoint takes now; `WouldBlock` for none.
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// Bytes accepted by [`Endpoint::try_write`] but not yet on the wire
+    /// (TLS records): the pump waits for writability while there are any,
+    /// and reads nothing more for this destination meanwhile.
+    fn has_backlog(&self) -> bool {
+        false
+    }
+    /// Moves the backlog to the wire as far as the socket takes it.
+    fn flush_backlog(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Endpoint for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        read_some(self, buf)
+    }
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
+    }
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, buf)
+    }
+}
+
 /// The two sockets of a proxied connection and what each already sent.
-pub struct Pair {
-    pub client: TcpStream,
+pub struct Pair<C, U> {
+    pub client: C,
     pub client_early: bytes::Bytes,
-    pub upstream: TcpStream,
+    pub upstream: U,
     pub upstream_early: bytes::Bytes,
     /// permessage-deflate was negotiated (the runtime accepted the client's
     /// offer): RSV1 may mark the first frame of a data message both ways.
     pub deflate: bool,
 }
 
+impl<C, U> Pair<C, U> {
+    /// `early`: what the client and the runtime sent past their handshakes.
+    pub fn new(client: C, upstream: U, early: (bytes::Bytes, bytes::Bytes), deflate: bool) -> Self {
+        Pair {
+            client,
+            client_early: early.0,
+            upstream,
+            upstream_early: early.1,
+            deflate,
+        }
+    }
+}
+
 /// The relay's whole state, so the decisions below are plain methods.
-struct Relay {
-    client: TcpStream,
-    upstream: TcpStream,
+struct Relay<C, U> {
+    client: C,
+    upstream: U,
     c2u: Dir,
     u2c: Dir,
     cfg: RelayConfig,
@@ -249,7 +309,7 @@ struct Relay {
     close_rx: Option<oneshot::Receiver<Close>>,
 }
 
-impl Relay {
+impl<C: Endpoint, U: Endpoint> Relay<C, U> {
     fn closing(&self) -> bool {
         self.closing.is_some()
     }
@@ -270,7 +330,7 @@ impl Relay {
         let mut ended = Outcome::Dropped;
         if !self.u2c.saw_close {
             let frame = frames::close_frame(cmd.code, cmd.reason, false);
-            if self.u2c.inject(&self.client, &frame) {
+            if self.u2c.inject(&mut self.client, &frame) {
                 ended = Outcome::Gateway(cmd.code);
             } else {
                 self.owe_client = Some(cmd);
@@ -280,7 +340,7 @@ impl Relay {
             // A vanished runtime hears nothing; one left mid-frame (its
             // frame cut short by the client's fault) cannot be told either.
             self.c2u.inject(
-                &self.upstream,
+                &mut self.upstream,
                 &frames::close_frame(to_upstream.code, to_upstream.reason, true),
             );
         }
@@ -291,7 +351,7 @@ impl Relay {
     fn client_gone(&mut self) {
         if !self.c2u.saw_close && !self.c2u.src_eof {
             self.c2u.inject(
-                &self.upstream,
+                &mut self.upstream,
                 &frames::close_frame(GOING_AWAY.code, GOING_AWAY.reason, true),
             );
         }
@@ -307,7 +367,7 @@ impl Relay {
         {
             self.owe_client = None;
             let frame = frames::close_frame(cmd.code, cmd.reason, false);
-            if self.u2c.inject(&self.client, &frame)
+            if self.u2c.inject(&mut self.client, &frame)
                 && let Some((_, ended)) = self.closing.as_mut()
             {
                 *ended = Outcome::Gateway(cmd.code);
@@ -343,7 +403,7 @@ impl Relay {
             &self.cfg,
             &mut self.c2u,
             &mut self.u2c,
-            &self.client,
+            &mut self.client,
             false,
             now,
         ) {
@@ -353,7 +413,7 @@ impl Relay {
             &self.cfg,
             &mut self.u2c,
             &mut self.c2u,
-            &self.upstream,
+            &mut self.upstream,
             true,
             now,
         ) {
@@ -384,11 +444,11 @@ impl Relay {
 /// Pings the peer `watched` reads from, through `via`, when it has been
 /// quiet. True when it stopped answering: a ping unanswered, or one that
 /// could not even be sent, for `pong_timeout`.
-fn ping_one(
+fn ping_one<D: Endpoint>(
     cfg: &RelayConfig,
     watched: &mut Dir,
     via: &mut Dir,
-    dst: &TcpStream,
+    dst: &mut D,
     masked: bool,
     now: Instant,
 ) -> bool {
@@ -398,7 +458,8 @@ fn ping_one(
     if watched.last_rx.is_none_or(|t| now < t + cfg.ping_interval) {
         return false;
     }
-    if via.pending.is_empty() && via.inject(dst, &frames::ping_frame(masked)) {
+    if via.pending.is_empty() && !dst.has_backlog() && via.inject(dst, &frames::ping_frame(masked))
+    {
         watched.ping_sent = Some(now);
         watched.ping_blocked = None;
         return false;
@@ -414,8 +475,8 @@ fn ping_one(
 /// Not an `async fn`: the set-up runs here, and the returned future holds
 /// only the relay's state and its timer (its size is what an idle
 /// connection costs; `the_idle_future_is_small` pins it).
-pub fn relay(
-    pair: Pair,
+pub fn relay<C: Endpoint, U: Endpoint>(
+    pair: Pair<C, U>,
     cfg: RelayConfig,
     close_rx: oneshot::Receiver<Close>,
 ) -> impl Future<Output = Outcome> + Send {
@@ -456,7 +517,7 @@ pub fn relay(
     if !client_early.is_empty() {
         match r
             .c2u
-            .forward(&client_early, &r.upstream, cfg.max_message, Pass::All)
+            .forward(&client_early, &mut r.upstream, cfg.max_message, Pass::All)
         {
             Step::Event(ev) => r.on_event(ev, true),
             Step::DstGone => r.begin_close(UPSTREAM_GONE),
@@ -466,7 +527,7 @@ pub fn relay(
     if !upstream_early.is_empty() && !r.closing() {
         match r
             .u2c
-            .forward(&upstream_early, &r.client, cfg.max_message, Pass::All)
+            .forward(&upstream_early, &mut r.client, cfg.max_message, Pass::All)
         {
             Step::Event(ev) => r.on_event(ev, false),
             Step::DstGone => r.client_gone(),
@@ -497,7 +558,7 @@ pub fn relay(
     }
 }
 
-impl Relay {
+impl<C: Endpoint, U: Endpoint> Relay<C, U> {
     /// The event loop, written against the sockets' `poll_*_ready` rather
     /// than `select!` over `readable()`/`writable()` futures: those futures
     /// live in the task while it is idle (hundreds of bytes per connection)
@@ -508,7 +569,8 @@ impl Relay {
     fn poll_run(&mut self, cx: &mut Context<'_>, mut timer: Pin<&mut Sleep>) -> Poll<Outcome> {
         loop {
             let closing = self.closing();
-            let read_client = self.c2u.pending.is_empty() && !self.c2u.src_eof;
+            let read_client =
+                self.c2u.pending.is_empty() && !self.upstream.has_backlog() && !self.c2u.src_eof;
             // Once closing, the runtime is read only to finish a frame in
             // flight to the client, after which the owed close frame goes out.
             let upstream_pass = match (closing, self.owe_client.is_some()) {
@@ -516,8 +578,10 @@ impl Relay {
                 (true, true) => Pass::FinishFrame,
                 (true, false) => Pass::Nothing,
             };
-            let read_upstream =
-                self.u2c.pending.is_empty() && !self.u2c.src_eof && upstream_pass != Pass::Nothing;
+            let read_upstream = self.u2c.pending.is_empty()
+                && !self.client.has_backlog()
+                && !self.u2c.src_eof
+                && upstream_pass != Pass::Nothing;
             let deadline = self.next_deadline(Instant::now());
             if deadline < timer.deadline() {
                 timer.as_mut().reset(deadline);
@@ -533,10 +597,13 @@ impl Relay {
                 }
                 continue;
             }
-            if !self.c2u.pending.is_empty()
+            if (!self.c2u.pending.is_empty() || self.upstream.has_backlog())
                 && let Poll::Ready(res) = self.upstream.poll_write_ready(cx)
             {
-                if res.and_then(|()| self.c2u.flush(&self.upstream)).is_err() {
+                if res
+                    .and_then(|()| self.c2u.flush(&mut self.upstream))
+                    .is_err()
+                {
                     if closing {
                         return Poll::Ready(self.closing.map_or(Outcome::Dropped, |c| c.1));
                     }
@@ -544,10 +611,10 @@ impl Relay {
                 }
                 continue;
             }
-            if !self.u2c.pending.is_empty()
+            if (!self.u2c.pending.is_empty() || self.client.has_backlog())
                 && let Poll::Ready(res) = self.client.poll_write_ready(cx)
             {
-                if res.and_then(|()| self.u2c.flush(&self.client)).is_err() {
+                if res.and_then(|()| self.u2c.flush(&mut self.client)).is_err() {
                     self.client_gone();
                     return Poll::Ready(self.closing.map_or(Outcome::Dropped, |c| c.1));
                 }
@@ -557,7 +624,9 @@ impl Relay {
             if read_client && let Poll::Ready(res) = self.client.poll_read_ready(cx) {
                 let pass = if closing { Pass::Nothing } else { Pass::All };
                 let step = match res {
-                    Ok(()) => self.c2u.pump(&self.client, &self.upstream, &self.cfg, pass),
+                    Ok(()) => self
+                        .c2u
+                        .pump(&mut self.client, &mut self.upstream, &self.cfg, pass),
                     Err(_) => Step::Eof,
                 };
                 match step {
@@ -565,6 +634,7 @@ impl Relay {
                         if closing
                             && self.c2u.saw_close
                             && self.u2c.pending.is_empty()
+                            && !self.client.has_backlog()
                             && self.owe_client.is_none()
                         {
                             return Poll::Ready(self.closing.map_or(Outcome::Peers, |c| c.1));
@@ -587,9 +657,12 @@ impl Relay {
             }
             if read_upstream && let Poll::Ready(res) = self.upstream.poll_read_ready(cx) {
                 let step = match res {
-                    Ok(()) => self
-                        .u2c
-                        .pump(&self.upstream, &self.client, &self.cfg, upstream_pass),
+                    Ok(()) => self.u2c.pump(
+                        &mut self.upstream,
+                        &mut self.client,
+                        &self.cfg,
+                        upstream_pass,
+                    ),
                     Err(_) => Step::Eof,
                 };
                 match step {
@@ -605,7 +678,7 @@ impl Relay {
                         if self.u2c.saw_close {
                             // Normal end: the runtime closed after its close frame.
                             self.closing = Some((Instant::now() + CLOSE_WAIT, Outcome::Peers));
-                            if self.u2c.pending.is_empty() {
+                            if self.u2c.pending.is_empty() && !self.client.has_backlog() {
                                 return Poll::Ready(Outcome::Peers);
                             }
                         } else {
@@ -646,27 +719,34 @@ impl Relay {
     /// Writes what each peer is still owed until done, a peer fails, or
     /// `timer` fires.
     fn poll_flush_owed(&mut self, cx: &mut Context<'_>, timer: Pin<&mut Sleep>) -> Poll<()> {
-        for (dir, dst) in [
-            (&mut self.u2c, &self.client),
-            (&mut self.c2u, &self.upstream),
-        ] {
-            while !dir.pending.is_empty() {
-                match dst.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        if dir.flush(dst).is_err() {
-                            dir.pending = Vec::new();
-                        }
-                    }
-                    Poll::Ready(Err(_)) => dir.pending = Vec::new(),
-                    Poll::Pending => break,
-                }
-            }
-        }
-        if self.u2c.pending.is_empty() && self.c2u.pending.is_empty() {
+        let client_done = flush_owed(&mut self.u2c, &mut self.client, cx);
+        let upstream_done = flush_owed(&mut self.c2u, &mut self.upstream, cx);
+        if client_done && upstream_done {
             return Poll::Ready(());
         }
         timer.poll(cx)
     }
+}
+
+/// Writes what `dst` is still owed; true when nothing is (or `dst` failed,
+/// which leaves nothing to wait for).
+fn flush_owed<D: Endpoint>(dir: &mut Dir, dst: &mut D, cx: &mut Context<'_>) -> bool {
+    while !dir.pending.is_empty() || dst.has_backlog() {
+        match dst.poll_write_ready(cx) {
+            Poll::Ready(Ok(())) => {
+                if dir.flush(dst).is_err() {
+                    dir.pending = Vec::new();
+                    return true;
+                }
+            }
+            Poll::Ready(Err(_)) => {
+                dir.pending = Vec::new();
+                return true;
+            }
+            Poll::Pending => return false,
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -708,7 +788,7 @@ mod tests {
         assert!(
             size <= 768,
             "the relay future grew to {size} bytes (Relay is {}, Sleep {})",
-            std::mem::size_of::<Relay>(),
+            std::mem::size_of::<Relay<TcpStream, TcpStream>>(),
             std::mem::size_of::<Sleep>()
         );
     }

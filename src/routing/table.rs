@@ -20,6 +20,9 @@ pub struct Route {
     pub detach_grace_secs: u64,
     pub replay_frames: usize,
     pub replay_bytes: usize,
+    /// How `wss://` upstreams are dialled (trust anchors, ALPN); `None`
+    /// when every upstream is `ws://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Route {
@@ -33,7 +36,13 @@ impl Route {
             detach_grace_secs: rc.detach_grace_secs,
             replay_frames: rc.replay_frames,
             replay_bytes: rc.replay_bytes,
+            tls: None,
         }
+    }
+
+    /// The route with `tls` for its `wss://` upstreams.
+    pub fn with_tls(self, tls: Option<Arc<rustls::ClientConfig>>) -> Self {
+        Route { tls, ..self }
     }
 
     /// The URL to dial on `upstream`: its path plus the prefix remainder, and
@@ -85,9 +94,18 @@ pub struct RouteTable {
 
 impl RouteTable {
     pub fn new(routes: Vec<Route>) -> Self {
-        RouteTable {
-            routes: routes.into_iter().map(Arc::new).collect(),
-        }
+        Self::from_shared(routes.into_iter().map(Arc::new).collect())
+    }
+
+    /// A table of routes some of which an earlier table already holds (a
+    /// reload keeps an unchanged route's health and connection counts).
+    pub fn from_shared(routes: Vec<Arc<Route>>) -> Self {
+        RouteTable { routes }
+    }
+
+    /// The route called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| r.name == name)
     }
 
     pub fn lookup<'p>(&self, path: &'p str) -> Option<(&Arc<Route>, &'p str)> {
@@ -116,6 +134,7 @@ mod tests {
             detach_grace_secs: 60,
             replay_frames: 16,
             replay_bytes: 1024,
+            tls: None,
         }
     }
 

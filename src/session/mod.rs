@@ -10,7 +10,7 @@ pub mod outbox;
 pub mod redis;
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch};
 
@@ -387,28 +387,57 @@ macro_rules! dispatch {
     };
 }
 
+/// Records how long a store call that began at `started` took in
+/// `portcullis_store_request_duration_seconds{op}`, whatever its result.
+/// Written out in each method rather than as a wrapper future: another
+/// layer of generic futures around the upgrade path overflowed rustc's
+/// layout query depth in release builds.
+fn observe(op: &'static str, started: Instant) {
+    crate::telemetry::store_latency()
+        .get_or_create(&crate::telemetry::OpLabel { op })
+        .observe(started.elapsed().as_secs_f64());
+}
+
 impl SessionStore for Store {
     async fn create(&self, user: &str, ttl: Duration) -> Result<SessionRecord, CreateError> {
-        dispatch!(self, s => s.create(user, ttl).await)
+        let started = Instant::now();
+        let out = dispatch!(self, s => s.create(user, ttl).await);
+        observe("create", started);
+        out
     }
     async fn get(&self, session_id: &str) -> Result<Option<SessionRecord>, StoreError> {
-        dispatch!(self, s => s.get(session_id).await)
+        let started = Instant::now();
+        let out = dispatch!(self, s => s.get(session_id).await);
+        observe("get", started);
+        out
     }
     async fn touch(
         &self,
         session_id: &str,
         ttl: Duration,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        dispatch!(self, s => s.touch(session_id, ttl).await)
+        let started = Instant::now();
+        let out = dispatch!(self, s => s.touch(session_id, ttl).await);
+        observe("touch", started);
+        out
     }
     async fn delete(&self, session_id: &str) -> Result<bool, StoreError> {
-        dispatch!(self, s => s.delete(session_id).await)
+        let started = Instant::now();
+        let out = dispatch!(self, s => s.delete(session_id).await);
+        observe("delete", started);
+        out
     }
     async fn attach(&self, req: LeaseRequest<'_>) -> Result<Attach, StoreError> {
-        dispatch!(self, s => s.attach(req).await)
+        let started = Instant::now();
+        let out = dispatch!(self, s => s.attach(req).await);
+        observe("attach", started);
+        out
     }
     async fn heartbeat(&self, lease: Duration) -> Result<(), StoreError> {
-        dispatch!(self, s => s.heartbeat(lease).await)
+        let started = Instant::now();
+        let out = dispatch!(self, s => s.heartbeat(lease).await);
+        observe("heartbeat", started);
+        out
     }
     async fn attach_user(&self, req: UserLease<'_>) -> Result<UserAttach, StoreError> {
         dispatch!(self, s => s.attach_user(req).await)
@@ -438,7 +467,10 @@ impl SessionStore for Store {
         dispatch!(self, s => s.clock_offset_ms())
     }
     async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.ping().await)
+        let started = Instant::now();
+        let out = dispatch!(self, s => s.ping().await);
+        observe("ping", started);
+        out
     }
 }
 

@@ -122,7 +122,9 @@ pub struct Registry {
     /// sleeps for.
     earlier_due: Notify,
     open: Arc<AtomicU32>,
-    max: u32,
+    /// `server.max_connections`; a reload may change it. Lowering it below
+    /// what is open closes nothing: new sockets wait until enough have gone.
+    max: AtomicU32,
 }
 
 /// A gateway-wide socket slot; released on drop.
@@ -140,15 +142,21 @@ impl Registry {
             sessions: Mutex::new(Sessions::default()),
             earlier_due: Notify::new(),
             open: Arc::new(AtomicU32::new(0)),
-            max,
+            max: AtomicU32::new(max),
         }
+    }
+
+    /// Applies a reloaded `server.max_connections` to later reservations.
+    pub fn set_max(&self, max: u32) {
+        self.max.store(max, Ordering::Release);
     }
 
     /// Takes one of `max_connections` slots, or `None` when the gateway is full.
     pub fn try_reserve(&self) -> Option<Slot> {
+        let max = self.max.load(Ordering::Acquire);
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .ok()
             .map(|_| Slot(self.open.clone()))

@@ -20,7 +20,14 @@ pub struct Gateway {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub log_path: PathBuf,
+    /// The config file it serves (and re-reads on SIGHUP).
+    pub config_path: PathBuf,
     _dir: TempDir,
+}
+
+/// The whole config file [`Gateway::start`] writes.
+fn full_config(server_extra: &str, toml: &str) -> String {
+    format!("[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n{toml}")
 }
 
 /// A directory removed on drop.
@@ -102,8 +109,7 @@ impl Gateway {
     pub fn start_with_env(server_extra: &str, toml: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = TempDir::new();
         let cfg = dir.0.join("portcullis.toml");
-        let full = format!("[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n{toml}");
-        std::fs::write(&cfg, full).unwrap();
+        std::fs::write(&cfg, full_config(server_extra, toml)).unwrap();
         let log_path = dir.0.join("gateway.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
@@ -123,7 +129,10 @@ impl Gateway {
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             while let Some(Ok(line)) = lines.next() {
-                if let Some(addr) = line.strip_prefix("portcullis listening on http://") {
+                let addr = line
+                    .strip_prefix("portcullis listening on http://")
+                    .or_else(|| line.strip_prefix("portcullis listening on https://"));
+                if let Some(addr) = addr {
                     let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
                 }
             }
@@ -142,8 +151,21 @@ impl Gateway {
             child: Some(child),
             addr,
             log_path,
+            config_path: cfg,
             _dir: dir,
         }
+    }
+
+    /// Replaces the config file as [`Gateway::start`] wrote it (the same
+    /// `listen`), for a SIGHUP to pick up; returns the text written.
+    pub fn rewrite_config(&self, server_extra: &str, toml: &str) -> String {
+        let text = full_config(server_extra, toml);
+        // Written whole to a temporary file, then renamed: a reload never
+        // reads half a file.
+        let tmp = self.config_path.with_extension("toml.new");
+        std::fs::write(&tmp, &text).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+        text
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -60,6 +60,50 @@ pub fn parse_response(buf: &[u8]) -> Option<Resp> {
     })
 }
 
+/// One request and its whole response on `io` (plain or TLS), with `Host:
+/// host`; panics on a transport failure. Callers bound it.
+pub async fn exchange<I>(
+    io: I,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Resp
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default().to_vec())))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
 /// `method path` with `headers` and `body`, bounded; panics on a transport
 /// failure (an HTTP error status is a [`Resp`], not a panic).
 pub async fn request(
@@ -96,35 +140,7 @@ pub async fn request_from(
             }
         }
         .expect("connect to gateway");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", addr.to_string());
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default().to_vec())))
-            .unwrap();
-        let resp = sender.send_request(req).await.expect("request");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec();
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        exchange(stream, &addr.to_string(), method, path, headers, body).await
     })
     .await
     .unwrap_or_else(|_| panic!("{method} {path} timed out"))

@@ -9,6 +9,7 @@ pub mod http;
 pub mod pyws;
 pub mod redis;
 pub mod tap;
+pub mod tls;
 pub mod upstream;
 pub mod viewports;
 pub mod wait;

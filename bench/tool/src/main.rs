@@ -20,6 +20,7 @@
 
 mod idle_store;
 mod instances;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,13 +36,13 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Bounds a TCP connect plus the WebSocket (or HTTP) handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,7 +51,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bounds a WebSocket close handshake.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Ws = WebSocketStream<tls::Conn>;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +63,9 @@ struct Cli {
     /// the generator's CPU share small and equal for every target.
     #[arg(long, global = true, default_value_t = 1)]
     threads: usize,
+    /// CA (PEM) that wss:// and https:// targets' certificates chain to.
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +76,17 @@ enum Command {
     Echo {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Serve wss:// with this certificate (PEM; needs --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+    },
+    /// Write a throwaway CA and a localhost certificate (ca.pem, cert.pem,
+    /// key.pem) into --dir.
+    MakeCert {
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Request/response: each socket sends one message and awaits its echo.
     Rtt(RttArgs),
@@ -223,6 +238,14 @@ struct HoldArgs {
     /// Longest wait for RSS to settle after the last socket opened.
     #[arg(long, default_value_t = 10)]
     settle_secs: u64,
+    /// With every socket open and idle: send this gateway SIGHUP, time until
+    /// `--metrics-url` counts the reload, then check every socket still
+    /// echoes (BENCHMARKS.md, "Reload under load").
+    #[arg(long, requires = "metrics_url")]
+    reload_pid: Option<u32>,
+    /// The gateway's base URL for /metrics (http:// or https://).
+    #[arg(long)]
+    metrics_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -279,7 +302,14 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::FreePort { count } => free_ports(count),
         Command::Report { files } => report(&files),
+        Command::MakeCert { dir } => tls::make_cert(&dir),
         command => {
+            if let Some(ca) = &cli.ca_file {
+                if let Err(e) = tls::trust(ca) {
+                    eprintln!("portcullis-bench: --ca-file: {e:#}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(cli.threads.max(1))
                 .enable_all()
@@ -287,7 +317,17 @@ fn main() -> std::process::ExitCode {
                 .expect("building the Tokio runtime");
             rt.block_on(async move {
                 match command {
-                    Command::Echo { listen } => echo(listen).await,
+                    Command::Echo {
+                        listen,
+                        tls_cert,
+                        tls_key,
+                    } => {
+                        let acceptor = match (tls_cert, tls_key) {
+                            (Some(c), Some(k)) => Some(tls::acceptor(&c, &k)?),
+                            _ => None,
+                        };
+                        echo(listen, acceptor).await
+                    }
                     Command::Rtt(a) => rtt(a).await,
                     Command::Stream(a) => stream(a).await,
                     Command::Churn(a) => churn(a).await,
@@ -298,7 +338,9 @@ fn main() -> std::process::ExitCode {
                     Command::IdleStore(a) => idle_store::idle_store(a).await,
                     Command::Resume(a) => resume_bench(a).await,
                     Command::Instances(c) => instances::run(c).await,
-                    Command::FreePort { .. } | Command::Report { .. } => unreachable!(),
+                    Command::FreePort { .. }
+                    | Command::Report { .. }
+                    | Command::MakeCert { .. } => unreachable!(),
                 }
             })
         }
@@ -335,7 +377,7 @@ fn echo_config() -> WebSocketConfig {
         .max_frame_size(Some(1024 * 1024))
 }
 
-async fn echo(listen: SocketAddr) -> Result<()> {
+async fn echo(listen: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -350,55 +392,70 @@ async fn echo(listen: SocketAddr) -> Result<()> {
             }
         };
         let _ = stream.set_nodelay(true);
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let Ok(Ok(mut ws)) = timeout(
-                CONNECT_TIMEOUT,
-                tokio_tungstenite::accept_async_with_config(stream, Some(echo_config())),
-            )
-            .await
-            else {
-                return;
-            };
-            // Echo everything already read, then flush once: pipelined
-            // input costs one write per batch, not one per message.
-            while let Some(Ok(first)) = ws.next().await {
-                let mut next = Some(first);
-                while let Some(msg) = next.take() {
-                    if msg.is_close() {
-                        // tungstenite queued the close reply; flush it.
-                        let _ = ws.flush().await;
-                        return;
+            match tls {
+                None => serve_echo(stream).await,
+                Some(acceptor) => {
+                    if let Ok(Ok(s)) = timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
+                        serve_echo(s).await
                     }
-                    // `stream:<n>:<size>` (text): send n binary frames of
-                    // `size` bytes, for the shared-session fan-out bench.
-                    if let Some((n, size)) = msg.to_text().ok().and_then(parse_stream_cmd) {
-                        let block = vec![0x5a_u8; size];
-                        for _ in 0..n {
-                            if ws.feed(Message::binary(block.clone())).await.is_err() {
-                                return;
-                            }
-                        }
-                        next = None;
-                        continue;
-                    }
-                    let data = msg.is_text() || msg.is_binary();
-                    if data && ws.feed(msg).await.is_err() {
-                        return;
-                    }
-                    next = match ws.next().now_or_never() {
-                        Some(Some(Ok(m))) => Some(m),
-                        Some(_) => {
-                            let _ = ws.flush().await;
-                            return;
-                        }
-                        None => None,
-                    };
-                }
-                if ws.flush().await.is_err() {
-                    return;
                 }
             }
         });
+    }
+}
+
+async fn serve_echo<S>(stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ok(Ok(mut ws)) = timeout(
+        CONNECT_TIMEOUT,
+        tokio_tungstenite::accept_async_with_config(stream, Some(echo_config())),
+    )
+    .await
+    else {
+        return;
+    };
+    // Echo everything already read, then flush once: pipelined
+    // input costs one write per batch, not one per message.
+    while let Some(Ok(first)) = ws.next().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            if msg.is_close() {
+                // tungstenite queued the close reply; flush it.
+                let _ = ws.flush().await;
+                return;
+            }
+            // `stream:<n>:<size>` (text): send n binary frames of
+            // `size` bytes, for the shared-session fan-out bench.
+            if let Some((n, size)) = msg.to_text().ok().and_then(parse_stream_cmd) {
+                let block = vec![0x5a_u8; size];
+                for _ in 0..n {
+                    if ws.feed(Message::binary(block.clone())).await.is_err() {
+                        return;
+                    }
+                }
+                next = None;
+                continue;
+            }
+            let data = msg.is_text() || msg.is_binary();
+            if data && ws.feed(msg).await.is_err() {
+                return;
+            }
+            next = match ws.next().now_or_never() {
+                Some(Some(Ok(m))) => Some(m),
+                Some(_) => {
+                    let _ = ws.flush().await;
+                    return;
+                }
+                None => None,
+            };
+        }
+        if ws.flush().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -426,13 +483,24 @@ async fn ws_connect(url: &str, token: Option<&str>) -> Result<Ws> {
         req.headers_mut()
             .insert(http::header::AUTHORIZATION, format!("Bearer {t}").parse()?);
     }
-    let (ws, _) = timeout(
-        CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(req, Some(client_config()), true),
-    )
-    .await
-    .map_err(|_| anyhow!("upgrade timed out"))??;
+    let (ws, _) = timeout(CONNECT_TIMEOUT, ws_handshake(req))
+        .await
+        .map_err(|_| anyhow!("upgrade timed out"))??;
     Ok(ws)
+}
+
+/// TCP (and TLS for wss://), then the WebSocket handshake.
+async fn ws_handshake(
+    req: http::Request<()>,
+) -> Result<(
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+)> {
+    let host = req.uri().host().context("URL without host")?.to_string();
+    let wss = req.uri().scheme_str() == Some("wss");
+    let port = req.uri().port_u16().unwrap_or(if wss { 443 } else { 80 });
+    let conn = tls::connect(&host, port, wss).await?;
+    Ok(tokio_tungstenite::client_async_with_config(req, conn, Some(client_config())).await?)
 }
 
 /// Closes politely, bounded.
@@ -464,10 +532,12 @@ impl Http {
         let url = url::Url::parse(base).context("bad base URL")?;
         let host = url.host_str().context("base URL has no host")?.to_string();
         let port = url.port_or_known_default().unwrap_or(80);
-        let stream = timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
-            .await
-            .map_err(|_| anyhow!("connect timed out"))??;
-        let _ = stream.set_nodelay(true);
+        let stream = timeout(
+            CONNECT_TIMEOUT,
+            tls::connect(&host, port, url.scheme() == "https"),
+        )
+        .await
+        .map_err(|_| anyhow!("connect timed out"))??;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         Ok(Http {
@@ -1008,15 +1078,25 @@ async fn hold(a: HoldArgs) -> Result<()> {
         rss_kib(&a.upstream_pids)?
     };
     let fds_open = fd_count(&all);
-    // Close everything and wait (bounded) for the proxy to let go, so the
-    // next workload starts from a quiet process.
+    // Stop idling: each holder hands back its socket if it is still open.
     let _ = stop_tx.send(true);
     let mut dropped = 0u64;
+    let mut alive = Vec::with_capacity(holders.len());
     for h in holders {
-        if !h.await.unwrap_or(false) {
-            dropped += 1;
+        match h.await.ok().flatten() {
+            Some(ws) => alive.push(ws),
+            None => dropped += 1,
         }
     }
+    let reload = match (a.reload_pid, &a.metrics_url) {
+        (Some(pid), Some(url)) => Some(reload_under_load(pid, url, &mut alive).await?),
+        _ => None,
+    };
+    // Close everything and wait (bounded) for the proxy to let go, so the
+    // next workload starts from a quiet process.
+    futures_util::stream::iter(alive)
+        .for_each_concurrent(200, ws_close)
+        .await;
     let released_by = Instant::now() + Duration::from_secs(20);
     while fd_count(&all) > fds_before + 64 && Instant::now() < released_by {
         sleep(Duration::from_millis(200)).await;
@@ -1038,32 +1118,99 @@ async fn hold(a: HoldArgs) -> Result<()> {
                "rss_before_kib": before, "rss_after_kib": after,
                "kib_per_conn": kib, "upstream_kib_per_conn": up_kib,
                "fds_before": fds_before, "fds_open": fds_open,
-               "open_secs": round1(open_secs), "idle_cpu_pct": idle_cpu, "pids": a.pids}),
+               "open_secs": round1(open_secs), "idle_cpu_pct": idle_cpu, "pids": a.pids,
+               "reload": reload.as_ref().map(|r| json!({
+                   "applied_ms": r.applied_ms, "echoed_after": r.echoed,
+                   "failed_after": r.failed})) }),
         format!(
-            "hold {}: {kib} KiB/conn proxy RSS ({before} -> {after} KiB over {opened} sockets, {failed} failed, {dropped} dropped while idle; upstream {} KiB/conn; idle CPU {idle_cpu}%; opened in {open_secs:.1} s)",
+            "hold {}: {kib} KiB/conn proxy RSS ({before} -> {after} KiB over {opened} sockets, {failed} failed, {dropped} dropped while idle; upstream {} KiB/conn; idle CPU {idle_cpu}%; opened in {open_secs:.1} s){}",
             a.target.label,
-            up_kib.map_or("n/a".into(), |k| k.to_string())
+            up_kib.map_or("n/a".into(), |k| k.to_string()),
+            reload.as_ref().map_or(String::new(), |r| format!(
+                "; SIGHUP reload seen in /metrics after {} ms, then {} sockets echoed, {} failed",
+                r.applied_ms, r.echoed, r.failed
+            ))
         ),
     );
     Ok(())
 }
 
-/// Keeps a socket open (answering pings) until told to stop; true if it
-/// was still open then.
-async fn idle(mut ws: Ws, mut stop: watch::Receiver<bool>) -> bool {
-    let alive = loop {
+/// Keeps a socket open (answering pings) until told to stop; the socket
+/// if it was still open then.
+async fn idle(mut ws: Ws, mut stop: watch::Receiver<bool>) -> Option<Ws> {
+    loop {
         tokio::select! {
             m = ws.next() => match m {
                 Some(Ok(_)) => {}
-                _ => break false,
+                _ => return None,
             },
-            _ = stop.changed() => break true,
+            _ = stop.changed() => return Some(ws),
         }
-    };
-    if alive {
-        ws_close(ws).await;
     }
-    alive
+}
+
+struct ReloadUnderLoad {
+    applied_ms: f64,
+    echoed: u64,
+    failed: u64,
+}
+
+/// `portcullis_config_reloads_total{result="ok"}` of the gateway at `base`.
+async fn reloads_ok(base: &str) -> Result<f64> {
+    let mut http = Http::connect(base).await?;
+    let (_, body) = http.call(http::Method::GET, "/metrics", None, None).await?;
+    Ok(String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_config_reloads_total{result=\"ok\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// SIGHUP to `pid` with `sockets` open; the time until the reload shows in
+/// the gateway's metrics (polled every 5 ms), then one echo on every socket.
+async fn reload_under_load(pid: u32, base: &str, sockets: &mut [Ws]) -> Result<ReloadUnderLoad> {
+    let before = reloads_ok(base).await?;
+    let sent = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -HUP {pid} failed");
+    let deadline = sent + Duration::from_secs(30);
+    loop {
+        if reloads_ok(base).await? > before {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no reload counted within 30 s");
+        sleep(Duration::from_millis(5)).await;
+    }
+    let applied_ms = round1(sent.elapsed().as_secs_f64() * 1000.0);
+    let results: Vec<bool> = futures_util::stream::iter(sockets.iter_mut())
+        .map(|ws| async move {
+            let msg = Message::text("after-reload");
+            if ws.send(msg.clone()).await.is_err() {
+                return false;
+            }
+            // The gateway pings sockets idle for `ping_interval_ms` (30 s):
+            // a ping or pong before the echo is not a failure.
+            let echo = timeout(REPLY_TIMEOUT, async {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        other => return other,
+                    }
+                }
+            });
+            matches!(echo.await, Ok(Some(Ok(m))) if m == msg)
+        })
+        .buffer_unordered(200)
+        .collect()
+        .await;
+    let echoed = results.iter().filter(|ok| **ok).count() as u64;
+    Ok(ReloadUnderLoad {
+        applied_ms,
+        echoed,
+        failed: results.len() as u64 - echoed,
+    })
 }
 
 // ---------------------------------------------------------------- HTTP API
@@ -1499,12 +1646,9 @@ async fn ws_connect_seq(url: &str, token: &str) -> Result<(Ws, u64)> {
         http::header::AUTHORIZATION,
         format!("Bearer {token}").parse()?,
     );
-    let (ws, resp) = timeout(
-        CONNECT_TIMEOUT,
-        tokio_tungstenite::connect_async_with_config(req, Some(client_config()), true),
-    )
-    .await
-    .map_err(|_| anyhow!("upgrade timed out"))??;
+    let (ws, resp) = timeout(CONNECT_TIMEOUT, ws_handshake(req))
+        .await
+        .map_err(|_| anyhow!("upgrade timed out"))??;
     let seq = resp
         .headers()
         .get("portcullis-seq")
