@@ -45,14 +45,21 @@ pub struct App {
 
 impl App {
     pub async fn build(loaded: Loaded) -> Result<App, AppError> {
-        let Loaded { config, keys, .. } = loaded;
+        let Loaded {
+            config,
+            keys,
+            redis,
+            ..
+        } = loaded;
         let tokens = Arc::new(TokenService::new(&config.tokens, &keys)?);
         let store = match config.sessions.store {
             StoreKind::Memory => Store::Memory(MemoryStore::new()),
-            StoreKind::Redis => Store::Redis(
-                RedisStore::connect(&config.sessions.redis_url, &config.sessions.key_prefix)
-                    .await?,
-            ),
+            StoreKind::Redis => {
+                let target = redis
+                    .as_ref()
+                    .expect("validated: a redis store has a target");
+                Store::Redis(RedisStore::connect_to(target, &config.sessions.key_prefix).await?)
+            }
         };
         let store = Arc::new(store.with_user_limit(UserLimit {
             max_sessions: config.auth.max_sessions_per_user,

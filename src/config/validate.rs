@@ -103,16 +103,7 @@ pub(super) fn validate(
     }
 
     let ss = &config.sessions;
-    if ss.store == StoreKind::Redis {
-        let url = Url::parse(&ss.redis_url)
-            .map_err(|e| err("sessions.redis_url", format!("not a URL: {e}")))?;
-        if !matches!(url.scheme(), "redis" | "rediss" | "redis+unix" | "unix") {
-            return Err(err(
-                "sessions.redis_url",
-                format!("scheme {:?} is not redis:// or rediss://", url.scheme()),
-            ));
-        }
-    }
+    let redis = super::store::validate(ss, ss.store == StoreKind::Redis, file, env)?;
     if ss.key_prefix.is_empty() || ss.key_prefix.contains(['{', '}']) {
         return Err(err(
             "sessions.key_prefix",
@@ -263,6 +254,7 @@ pub(super) fn validate(
         config,
         listen,
         keys,
+        redis,
     })
 }
 
