@@ -229,18 +229,10 @@ fn read_password(
 ) -> Result<Option<Secret>, ConfigError> {
     if let Some(path) = &ss.redis_password_file {
         let base = Path::new(file).parent().unwrap_or(Path::new("."));
-        let full = if path.is_absolute() {
-            path.clone()
-        } else {
-            base.join(path)
-        };
-        let text = std::fs::read_to_string(&full).map_err(|e| {
-            ConfigError::new(
-                file,
-                "sessions.redis_password_file",
-                format!("cannot read {}: {e}", full.display()),
-            )
-        })?;
+        let key = "sessions.redis_password_file";
+        let bytes = super::validate::read_beside(file, base, key, path)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| ConfigError::new(file, key, "is not UTF-8 text"))?;
         // A file written by `echo` ends in a newline that is not part of it.
         let password = text.trim_end_matches(['\r', '\n']);
         if password.is_empty() {

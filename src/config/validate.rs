@@ -367,19 +367,7 @@ fn read_key(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Secret, ConfigError> {
     if let Some(path) = path {
-        let full = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            base.join(path)
-        };
-        let bytes = std::fs::read(&full).map_err(|e| {
-            ConfigError::new(
-                file,
-                file_key,
-                format!("cannot read {}: {e}", full.display()),
-            )
-        })?;
-        return Ok(Secret::new(bytes));
+        return read_beside(file, base, file_key, path).map(Secret::new);
     }
     let name = env_name.unwrap_or(DEFAULT_SIGNING_KEY_ENV);
     match env(name) {
@@ -392,6 +380,24 @@ fn read_key(
             ),
         )),
     }
+}
+
+/// Reads a file the config names under `key`, a relative path resolved
+/// against the config's own directory (so a config can be run from
+/// anywhere); an error names the key.
+pub(super) fn read_beside(
+    file: &str,
+    base: &Path,
+    key: &str,
+    path: &Path,
+) -> Result<Vec<u8>, ConfigError> {
+    let full = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    };
+    std::fs::read(&full)
+        .map_err(|e| ConfigError::new(file, key, format!("cannot read {}: {e}", full.display())))
 }
 
 /// `what` is the config key the material came from, so the error names it.
