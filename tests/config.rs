@@ -566,3 +566,20 @@ fn the_store_password_comes_from_the_environment_and_is_never_shown() {
     .unwrap_err();
     assert_eq!(e.key, "sessions.redis_password_env");
 }
+
+/// Until Cluster and Sentinel are served, a config naming them must stop
+/// the gateway at startup, not be served as if it were one Redis.
+#[tokio::test]
+async fn a_cluster_or_sentinel_target_is_refused_at_startup_not_served_as_one_redis() {
+    for (name, key) in [
+        ("redis_cluster.toml", "redis_cluster_urls"),
+        ("redis_sentinel.toml", "redis_sentinel_urls"),
+    ] {
+        let built = portcullis::app::App::build(valid(name)).await;
+        let Err(e) = built else {
+            panic!("{name}: the gateway started on a topology it does not serve")
+        };
+        assert!(e.to_string().contains(key), "{name}: {e}");
+        assert!(!e.to_string().contains("not-for-logs"), "{name}: {e}");
+    }
+}
