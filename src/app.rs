@@ -87,20 +87,21 @@ impl App {
             _ => None,
         };
         let outbox = match &hooks {
-            Some(h) if h.has_on_end() => Some(Arc::new(match config.sessions.store {
-                StoreKind::Memory => Outbox::memory(),
-                StoreKind::Redis => {
-                    Outbox::redis(&config.sessions.redis_url, &config.sessions.key_prefix)?
-                }
+            Some(h) if h.has_on_end() => Some(Arc::new(match &loaded.redis {
+                None => Outbox::memory(),
+                Some(target) => Outbox::redis(&outbox_url(target)?, &config.sessions.key_prefix)?,
             })),
             _ => None,
         };
         let store = match config.sessions.store {
             StoreKind::Memory => Store::Memory(MemoryStore::new()),
-            StoreKind::Redis => Store::Redis(
-                RedisStore::connect(&config.sessions.redis_url, &config.sessions.key_prefix)
-                    .await?,
-            ),
+            StoreKind::Redis => {
+                let target = loaded
+                    .redis
+                    .as_ref()
+                    .expect("validated: a redis store has a target");
+                Store::Redis(RedisStore::connect_to(target, &config.sessions.key_prefix).await?)
+            }
         };
         let store = Arc::new(store.with_user_limit(UserLimit {
             max_sessions: config.auth.max_sessions_per_user,
@@ -242,6 +243,27 @@ impl App {
     /// The validated config this app was built from.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+}
+
+/// The URL the `on_end` queue connects with: the store's one Redis, with
+/// the password from `redis_password_env`/`_file` when that is where it
+/// comes from. Cluster and Sentinel are refused by the store itself.
+fn outbox_url(target: &crate::config::RedisTarget) -> Result<String, StoreError> {
+    match &target.topology {
+        crate::config::Topology::Standalone(url) => {
+            let mut url = url.clone();
+            if let Some(p) = &target.password {
+                let p = std::str::from_utf8(p.expose())
+                    .map_err(|_| StoreError("redis password is not UTF-8".into()))?;
+                url.set_password(Some(p))
+                    .map_err(|()| StoreError("redis url cannot carry a password".into()))?;
+            }
+            Ok(url.to_string())
+        }
+        _ => Err(StoreError(
+            "session hooks need a single Redis (redis_url) in this build".into(),
+        )),
     }
 }
 

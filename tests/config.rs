@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use portcullis::config::{
-    Algorithm, AuthKind, Balance, Config, ConfigError, Loaded, Mode, StoreKind,
+    Algorithm, AuthKind, Balance, Config, ConfigError, Loaded, Mode, StoreKind, Topology,
 };
 
 /// What `PORTCULLIS_SIGNING_KEY` holds in these tests: a 44-byte HS256 key.
@@ -287,7 +287,11 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(c.server.shutdown_grace_ms, 10_000);
 
     assert_eq!(c.sessions.store, StoreKind::Memory);
-    assert_eq!(c.sessions.redis_url, "redis://127.0.0.1:6379/0");
+    assert_eq!(c.sessions.redis_url, None, "no topology named");
+    assert!(
+        loaded.redis.is_none(),
+        "the memory store has no Redis target"
+    );
     assert_eq!(c.sessions.key_prefix, "portcullis");
     assert_eq!(c.sessions.ttl_secs, 86_400);
 
@@ -430,6 +434,8 @@ fn debug_output_never_shows_key_material_or_password_hashes() {
     }
     // full.toml's Redis URL carries a password.
     secrets.push("redis-password-not-for-logs".into());
+    // redis_sentinel.toml's store password comes from a file.
+    secrets.push("redis-file-password-not-for-logs".into());
     let hash_parts = [PASSWORD_HASH, "$argon2id$", "QTjBAjQvkyj07QszJAq8B8"];
 
     for name in [
@@ -439,6 +445,7 @@ fn debug_output_never_shows_key_material_or_password_hashes() {
         "es256_rotation.toml",
         "rs256_rotation.toml",
         "full.toml",
+        "redis_sentinel.toml",
     ] {
         let loaded = valid(name);
         for shown in [format!("{loaded:?}"), format!("{loaded:#?}")] {
@@ -468,4 +475,162 @@ fn syntax_errors_say_where() {
     let e = Config::parse("syntax.toml", text).unwrap_err();
     assert_eq!(e.key, "(syntax)");
     assert!(e.message.starts_with("line 3, column "), "{e}");
+}
+
+/// The `[sessions]` table of a config with `store = "redis"`, over the
+/// minimal sample otherwise.
+fn with_sessions(sessions: &str, env: &HashMap<String, String>) -> Result<Loaded, ConfigError> {
+    let text = format!(
+        "[sessions]\nstore = \"redis\"\n{sessions}\n[[auth.users]]\nusername = \"alice\"\npassword_hash = '{PASSWORD_HASH}'\n"
+    );
+    let file = root().join("tests/configs/valid/inline.toml");
+    let file = file.display().to_string();
+    Config::parse(&file, &text)?.validate(&file, &|name| env.get(name).cloned())
+}
+
+#[test]
+fn one_redis_is_the_default_topology() {
+    let loaded = with_sessions("", &default_env()).unwrap();
+    let target = loaded.redis.expect("a redis store has a target");
+    assert_eq!(
+        target.topology,
+        Topology::Standalone("redis://127.0.0.1:6379/0".parse().unwrap())
+    );
+    assert!(target.password.is_none());
+}
+
+#[test]
+fn each_topology_is_read_from_its_keys() {
+    let loaded = with_sessions(
+        "redis_cluster_urls = [\"rediss://10.0.0.1:7000\", \"rediss://10.0.0.2:7000\"]\n",
+        &default_env(),
+    )
+    .unwrap();
+    let target = loaded.redis.unwrap();
+    assert!(target.tls(), "rediss:// is TLS");
+    let Topology::Cluster(seeds) = &target.topology else {
+        panic!("{target:?}")
+    };
+    assert_eq!(seeds.len(), 2);
+
+    let loaded = with_sessions(
+        "redis_sentinel_urls = [\"redis://10.0.0.1:26379\"]\nredis_sentinel_master = \"mymaster\"\n",
+        &default_env(),
+    )
+    .unwrap();
+    let target = loaded.redis.unwrap();
+    assert!(!target.tls());
+    let Topology::Sentinel { sentinels, master } = &target.topology else {
+        panic!("{target:?}")
+    };
+    assert_eq!((sentinels.len(), master.as_str()), (1, "mymaster"));
+}
+
+#[test]
+fn topology_errors_name_the_keys() {
+    let cases = [
+        (
+            "redis_url = \"redis://a:6379\"\nredis_cluster_urls = [\"redis://b:7000\"]\n",
+            "sessions.redis_cluster_urls",
+            "sessions.redis_url",
+        ),
+        (
+            "redis_cluster_urls = [\"redis://b:7000\"]\nredis_sentinel_urls = [\"redis://c:26379\"]\nredis_sentinel_master = \"m\"\n",
+            "sessions.redis_sentinel_urls",
+            "sessions.redis_cluster_urls",
+        ),
+        (
+            "redis_sentinel_urls = [\"redis://c:26379\"]\n",
+            "sessions.redis_sentinel_master",
+            "sessions.redis_sentinel_urls",
+        ),
+        (
+            "redis_sentinel_master = \"m\"\n",
+            "sessions.redis_sentinel_master",
+            "sessions.redis_sentinel_urls",
+        ),
+        (
+            "redis_cluster_urls = []\n",
+            "sessions.redis_cluster_urls",
+            "at least one",
+        ),
+        (
+            "redis_cluster_urls = [\"redis://b:7000\", \"rediss://c:7000\"]\n",
+            "sessions.redis_cluster_urls[1]",
+            "TLS",
+        ),
+        (
+            "redis_sentinel_urls = [\"http://c:26379\"]\nredis_sentinel_master = \"m\"\n",
+            "sessions.redis_sentinel_urls[0]",
+            "redis://",
+        ),
+        (
+            "redis_password_env = \"NOT_SET_ANYWHERE\"\n",
+            "sessions.redis_password_env",
+            "NOT_SET_ANYWHERE",
+        ),
+    ];
+    for (sessions, key, mentions) in cases {
+        let e = match with_sessions(sessions, &default_env()) {
+            Ok(loaded) => panic!("accepted {sessions:?}: {:?}", loaded.redis),
+            Err(e) => e,
+        };
+        assert_eq!(e.key, key, "{sessions:?}: {e}");
+        assert!(e.message.contains(mentions), "{sessions:?}: {e}");
+    }
+}
+
+#[test]
+fn the_store_password_comes_from_the_environment_and_is_never_shown() {
+    let mut env = default_env();
+    env.insert("REDIS_PW".into(), "store-password-not-for-logs".into());
+    let loaded = with_sessions(
+        "redis_cluster_urls = [\"redis://10.0.0.1:7000\"]\nredis_password_env = \"REDIS_PW\"\n",
+        &env,
+    )
+    .unwrap();
+    let target = loaded.redis.clone().unwrap();
+    assert_eq!(
+        target.password.as_ref().map(|p| p.expose().to_vec()),
+        Some(b"store-password-not-for-logs".to_vec())
+    );
+    for shown in [format!("{loaded:?}"), format!("{loaded:#?}")] {
+        assert!(!shown.contains("store-password-not-for-logs"), "{shown}");
+    }
+
+    // A password in a URL is masked too, in every list.
+    let loaded = with_sessions(
+        "redis_sentinel_urls = [\"redis://:sentinel-password-not-for-logs@10.0.0.1:26379\"]\nredis_sentinel_master = \"m\"\n",
+        &default_env(),
+    )
+    .unwrap();
+    for shown in [format!("{loaded:?}"), format!("{loaded:#?}")] {
+        assert!(shown.contains("MASKED"), "{shown}");
+        assert!(!shown.contains("sentinel-password-not-for-logs"), "{shown}");
+    }
+
+    // Both in the URL and in the environment: ambiguous, refused.
+    let e = with_sessions(
+        "redis_url = \"redis://:pw@10.0.0.1:6379\"\nredis_password_env = \"REDIS_PW\"\n",
+        &env,
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "sessions.redis_password_env");
+}
+
+/// Until Cluster and Sentinel are served, a config naming them must stop
+/// the gateway at startup, not be served as if it were one Redis.
+#[tokio::test]
+async fn a_cluster_or_sentinel_target_is_refused_at_startup_not_served_as_one_redis() {
+    for (name, key) in [
+        ("redis_cluster.toml", "redis_cluster_urls"),
+        ("redis_sentinel.toml", "redis_sentinel_urls"),
+    ] {
+        let built = portcullis::app::App::build(valid(name)).await;
+        let Err(e) = built else {
+            panic!("{name}: the gateway started on a topology it does not serve")
+        };
+        assert!(e.to_string().contains(key), "{name}: {e}");
+        assert!(!e.to_string().contains("not-for-logs"), "{name}: {e}");
+    }
 }

@@ -8,6 +8,7 @@
 
 mod defaults;
 mod secret;
+mod store;
 mod validate;
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use serde::Deserialize;
 
 pub use crate::formats::private_key::Algorithm;
 pub use secret::{KeyMaterial, Secret};
+pub use store::{RedisTarget, Topology, masked as masked_url};
 pub use validate::{Secrets, ValidatedKeys};
 
 use defaults::*;
@@ -126,8 +128,18 @@ pub enum StoreKind {
 pub struct SessionsConfig {
     #[serde(default = "default_store")]
     pub store: StoreKind,
-    #[serde(default = "default_redis_url")]
-    pub redis_url: String,
+    /// One Redis (SPEC §10); unset means `redis://127.0.0.1:6379/0` unless
+    /// another topology is named. Read the validated [`Loaded::redis`].
+    pub redis_url: Option<String>,
+    /// Redis Cluster seed nodes.
+    pub redis_cluster_urls: Option<Vec<String>>,
+    /// Sentinels watching the primary named `redis_sentinel_master`.
+    pub redis_sentinel_urls: Option<Vec<String>>,
+    pub redis_sentinel_master: Option<String>,
+    /// Extension: the data nodes' password from the environment or a file,
+    /// so it need not sit in a URL in the TOML file.
+    pub redis_password_env: Option<String>,
+    pub redis_password_file: Option<PathBuf>,
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     #[serde(default = "default_session_ttl")]
@@ -325,16 +337,20 @@ impl Default for TokensConfig {
 impl std::fmt::Debug for SessionsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // `redis://:password@host` carries the store's password.
-        let redis_url = match url::Url::parse(&self.redis_url) {
-            Ok(mut url) if url.password().is_some() => {
-                let _ = url.set_password(Some("MASKED"));
-                url.to_string()
-            }
-            _ => self.redis_url.clone(),
+        let mask = |u: &String| match url::Url::parse(u) {
+            Ok(url) => store::masked(&url),
+            Err(_) => "(unparsable)".to_string(),
         };
+        let masks =
+            |l: &Option<Vec<String>>| l.as_ref().map(|l| l.iter().map(mask).collect::<Vec<_>>());
         f.debug_struct("SessionsConfig")
             .field("store", &self.store)
-            .field("redis_url", &redis_url)
+            .field("redis_url", &self.redis_url.as_ref().map(mask))
+            .field("redis_cluster_urls", &masks(&self.redis_cluster_urls))
+            .field("redis_sentinel_urls", &masks(&self.redis_sentinel_urls))
+            .field("redis_sentinel_master", &self.redis_sentinel_master)
+            .field("redis_password_env", &self.redis_password_env)
+            .field("redis_password_file", &self.redis_password_file)
             .field("key_prefix", &self.key_prefix)
             .field("ttl_secs", &self.ttl_secs)
             .field("hooks", &self.hooks)
@@ -346,7 +362,12 @@ impl Default for SessionsConfig {
     fn default() -> Self {
         SessionsConfig {
             store: default_store(),
-            redis_url: default_redis_url(),
+            redis_url: None,
+            redis_cluster_urls: None,
+            redis_sentinel_urls: None,
+            redis_sentinel_master: None,
+            redis_password_env: None,
+            redis_password_file: None,
             key_prefix: default_key_prefix(),
             ttl_secs: default_session_ttl(),
             audit_interval_secs: default_audit_interval(),
@@ -373,6 +394,8 @@ pub struct Loaded {
     pub tls: Option<Arc<CertifiedKey>>,
     /// Per route (by index), the roots its `ca_file` names, if it names one.
     pub route_roots: Vec<Option<Arc<RootCertStore>>>,
+    /// Where the Redis store lives; `None` with the memory store.
+    pub redis: Option<RedisTarget>,
 }
 
 /// What `portcullis check` reports.

@@ -68,6 +68,7 @@ pub(super) struct Validated {
     pub tls: Option<Arc<CertifiedKey>>,
     pub route_roots: Vec<Option<Arc<RootCertStore>>>,
     pub hook_secret: Option<Secret>,
+    pub redis: Option<super::RedisTarget>,
 }
 
 impl Validated {
@@ -82,6 +83,7 @@ impl Validated {
             listen: self.listen,
             keys,
             hook_secret: self.hook_secret,
+            redis: self.redis,
             warnings: self.warnings,
             hash: String::new(),
             tls: self.tls,
@@ -172,16 +174,7 @@ pub(super) fn validate(
     };
 
     let ss = &config.sessions;
-    if ss.store == StoreKind::Redis {
-        let url = Url::parse(&ss.redis_url)
-            .map_err(|e| err("sessions.redis_url", format!("not a URL: {e}")))?;
-        if !matches!(url.scheme(), "redis" | "rediss" | "redis+unix" | "unix") {
-            return Err(err(
-                "sessions.redis_url",
-                format!("scheme {:?} is not redis:// or rediss://", url.scheme()),
-            ));
-        }
-    }
+    let redis = super::store::validate(ss, ss.store == StoreKind::Redis, file, env)?;
     if ss.key_prefix.is_empty() || ss.key_prefix.contains(['{', '}']) {
         return Err(err(
             "sessions.key_prefix",
@@ -353,6 +346,7 @@ pub(super) fn validate(
         unchecked,
         tls,
         route_roots,
+        redis,
     })
 }
 
@@ -617,19 +611,7 @@ fn read_key(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Secret, ConfigError> {
     if let Some(path) = path {
-        let full = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            base.join(path)
-        };
-        let bytes = std::fs::read(&full).map_err(|e| {
-            ConfigError::new(
-                file,
-                file_key,
-                format!("cannot read {}: {e}", full.display()),
-            )
-        })?;
-        return Ok(Secret::new(bytes));
+        return read_beside(file, base, file_key, path).map(Secret::new);
     }
     let name = env_name.unwrap_or(DEFAULT_SIGNING_KEY_ENV);
     match env(name) {
@@ -642,6 +624,24 @@ fn read_key(
             ),
         )),
     }
+}
+
+/// Reads a file the config names under `key`, a relative path resolved
+/// against the config's own directory (so a config can be run from
+/// anywhere); an error names the key.
+pub(super) fn read_beside(
+    file: &str,
+    base: &Path,
+    key: &str,
+    path: &Path,
+) -> Result<Vec<u8>, ConfigError> {
+    let full = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    };
+    std::fs::read(&full)
+        .map_err(|e| ConfigError::new(file, key, format!("cannot read {}: {e}", full.display())))
 }
 
 /// `what` is the config key the material came from, so the error names it.

@@ -88,7 +88,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use redis::aio::ConnectionManager;
-use redis::{Client, FromRedisValue, RedisError, RedisResult, Script, ScriptInvocation, Value};
+use redis::{
+    Client, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult, Script, ScriptInvocation,
+    Value,
+};
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::time::timeout;
 
@@ -97,6 +100,7 @@ use super::{
     SessionRecord, SessionStore, StoreError, TOMBSTONE, UserAttach, UserLease, UserLimit,
     announce_revoked,
 };
+use crate::config::{RedisTarget, Topology};
 use crate::ids::random_id;
 use crate::time::now_unix_ms;
 use conns::Commands;
@@ -227,6 +231,55 @@ impl RedisStore {
     pub async fn connect(redis_url: &str, key_prefix: &str) -> Result<RedisStore, StoreError> {
         let client = Client::open(redis_url)
             .map_err(|e| StoreError(format!("invalid redis url: {:?}", e.kind())))?;
+        Self::connect_client(client, key_prefix).await
+    }
+
+    /// The store at a validated config target (SPEC §10). Only one Redis
+    /// is served so far: a Cluster or Sentinel target is refused here, at
+    /// startup, rather than served as if it were one Redis (which would
+    /// answer `MOVED` or `READONLY` at the first failover).
+    pub async fn connect_to(
+        target: &RedisTarget,
+        key_prefix: &str,
+    ) -> Result<RedisStore, StoreError> {
+        let url = match &target.topology {
+            Topology::Standalone(url) => url,
+            Topology::Cluster(_) => {
+                return Err(StoreError(
+                    "sessions.redis_cluster_urls: Redis Cluster is not supported by this build yet"
+                        .to_string(),
+                ));
+            }
+            Topology::Sentinel { .. } => {
+                return Err(StoreError(
+                    "sessions.redis_sentinel_urls: Redis Sentinel is not supported by this build yet"
+                        .to_string(),
+                ));
+            }
+        };
+        if target.tls() {
+            // The redis crate's rustls has no crypto provider of its own;
+            // an error only means one is installed already. ring is what the
+            // token keys use already (no second crypto library to build).
+            #[allow(deprecated)]
+            let provider = rustls::crypto::ring::default_provider();
+            let _ = provider.install_default();
+        }
+        let mut info = url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| StoreError(format!("invalid redis url: {:?}", e.kind())))?;
+        if let Some(password) = &target.password {
+            let password = String::from_utf8(password.expose().to_vec())
+                .map_err(|_| StoreError("redis password: not UTF-8".to_string()))?;
+            info.redis.password = Some(password);
+        }
+        let client = Client::open(info)
+            .map_err(|e| StoreError(format!("invalid redis url: {:?}", e.kind())))?;
+        Self::connect_client(client, key_prefix).await
+    }
+
+    async fn connect_client(client: Client, key_prefix: &str) -> Result<RedisStore, StoreError> {
         let keys = Keys {
             prefix: key_prefix.to_string(),
         };
