@@ -31,7 +31,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     );
     let (endpoint, result) = dispatch(&app, req, peer).await;
     let resp = match result {
-        Ok(resp) => resp,
+        Ok(resp) => {
+            // SPEC §9: a refusal told in band after a `101` is still one.
+            if let Some(e) = resp.extensions().get::<ApiError>() {
+                refused(&app.metrics, endpoint, e);
+            }
+            resp
+        }
         Err(e) => {
             refused(&app.metrics, endpoint, &e);
             e.into_response()
