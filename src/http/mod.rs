@@ -98,6 +98,20 @@ fn refused(metrics: &Metrics, endpoint: &'static str, e: &ApiError) {
     }
 }
 
+/// The JavaScript client of SPEC §9 (`clients/js/`), served so a page on
+/// any origin allowed to open sockets can load the version that matches
+/// this gateway.
+const CLIENT_JS: &str = include_str!("../../clients/js/portcullis.js");
+
+fn client_module() -> Response<Body> {
+    let mut resp = Response::new(Body::from(CLIENT_JS));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    resp
+}
+
 fn only(req: &Request<Incoming>, method: Method, allow: &'static str) -> Result<(), ApiError> {
     if req.method() == method || (method == Method::GET && req.method() == Method::HEAD) {
         Ok(())
@@ -164,6 +178,10 @@ async fn dispatch(
         "/.well-known/jwks.json" => (
             "jwks",
             only(&req, Method::GET, "GET").and_then(|()| api::jwks(&app.tokens)),
+        ),
+        "/portcullis.js" => (
+            "client",
+            only(&req, Method::GET, "GET").map(|()| client_module()),
         ),
         "/" if app.demo_page.is_some() => (
             "demo",
