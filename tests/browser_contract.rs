@@ -251,6 +251,9 @@ async fn shared_viewports_get_the_hello_and_a_role_frame_when_the_owner_changes(
 
     let (mut reader, hello) = viewport(&gw, &s, "&resume_from=0").await;
     assert_eq!(hello, shared_hello(&s.sid, "reader", 0, json!("ok")));
+    // A reader's hello cannot say whether anyone writes: the role frame
+    // right behind it does.
+    assert_eq!(next_json(&mut reader).await, role("reader", true));
     assert_eq!(
         next_json(&mut reader).await,
         json!("one"),
@@ -268,8 +271,9 @@ async fn shared_viewports_get_the_hello_and_a_role_frame_when_the_owner_changes(
     assert_eq!(got, vec![role("owner", true), json!("two")]);
     // A later viewport is a reader, told so in its hello, and frames are
     // numbered without the gateway's own.
-    let (_late, hello) = viewport(&gw, &s, "").await;
+    let (mut late, hello) = viewport(&gw, &s, "").await;
     assert_eq!(hello, shared_hello(&s.sid, "reader", 2, Value::Null));
+    assert_eq!(next_json(&mut late).await, role("reader", true));
     assert_eq!(up.received(), vec!["one", "two"]);
     assert_eq!(up.connections(), 1);
     assert!(!up.seen()[0].path.contains("portcullis"));
@@ -288,6 +292,7 @@ async fn role_frames_cross_instances_on_one_redis() {
     let (mut on_b, hello) = viewport(&b, &s, "").await;
     assert_eq!(hello["role"], "reader");
     assert_eq!(hello["mode"], "shared");
+    assert_eq!(next_json(&mut on_b).await, role("reader", true));
 
     // The owner on A (the hub's instance) leaves: B's mirror hears it.
     on_a.close(None).await.unwrap();
@@ -297,6 +302,7 @@ async fn role_frames_cross_instances_on_one_redis() {
     // B claims by writing; a new viewport on A (the hub) hears the change.
     let (mut again_a, hello) = viewport(&a, &s, "").await;
     assert_eq!(hello["role"], "reader");
+    assert_eq!(next_json(&mut again_a).await, role("reader", false));
     on_b.send(Message::text("from-b")).await.unwrap();
     let mut got = vec![next_json(&mut on_b).await, next_json(&mut on_b).await];
     got.sort_by_key(|v| v.is_string());

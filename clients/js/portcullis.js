@@ -331,7 +331,9 @@ export class PortcullisClient {
       }
       this.next = h.seq;
       this.counts?.setItem(this.countKey, String(this.next));
-      this.setRole(h.role, h.role === 'owner' ? true : this.ownerPresent);
+      // A reader learns whether anyone writes from the role frame the
+      // gateway sends right behind the hello.
+      this.setRole(h.role, h.role === 'owner' ? true : null);
     }
     this.state('open', h);
     this.emit('onHello', h);

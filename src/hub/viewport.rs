@@ -130,13 +130,25 @@ impl Viewport {
         browser: bool,
     ) -> Option<u16> {
         let mut interrupts = Interrupts::new(close_rx, shutdown);
+        // What the client was told of the owner: the hello's role and, for
+        // a reader (whose hello cannot say whether anyone writes), a role
+        // frame right behind it, so a page can explain why it cannot type.
         let exit = if browser {
-            match ws.send(Message::text(self.hello())).await {
-                Ok(()) => self.pump(&mut ws, &mut interrupts, true).await,
+            let (_, present) = self.role_now();
+            let told = (self.start.owner, self.start.owner || present);
+            let greeted = async {
+                ws.feed(Message::text(self.hello())).await?;
+                if !self.start.owner {
+                    ws.feed(role_frame(told)).await?;
+                }
+                ws.flush().await
+            };
+            match greeted.await {
+                Ok(()) => self.pump(&mut ws, &mut interrupts, Some(told)).await,
                 Err(_) => Exit::Gone,
             }
         } else {
-            self.pump(&mut ws, &mut interrupts, false).await
+            self.pump(&mut ws, &mut interrupts, None).await
         };
         tracing::debug!(session = %self.hub.session_id, viewport = self.id, ?exit, "viewport ending");
         // Detach first: the hub's grace clock starts now, not after the
@@ -173,21 +185,19 @@ impl Viewport {
     /// The viewport's loop: deliver the ring from the cursor, forward the
     /// owner's frames, until something ends it. Every wait on a peer (a slow
     /// client, a slow runtime) is interruptible by revocation and shutdown.
+    /// `told`: with the browser contract, what the client last heard of
+    /// the owner; role frames follow its changes.
     async fn pump(
         &mut self,
         ws: &mut ClientWs,
         interrupts: &mut Interrupts,
-        browser: bool,
+        told: Option<(bool, bool)>,
     ) -> Exit {
         let hub = self.hub.clone();
         let mut wake = hub.wake.subscribe();
         let mut cursor = self.handle.cursor.load(Ordering::Acquire);
-        // What the client was last told: the hello's role, and an owner
-        // present if it is the owner or one was known at attach.
-        let mut told = {
-            let (_, present) = self.role_now();
-            (self.start.owner, self.start.owner || present)
-        };
+        let browser = told.is_some();
+        let mut told = told.unwrap_or_default();
         loop {
             let next = hub.ring().next_for(cursor, BATCH);
             match next {
