@@ -21,6 +21,7 @@ export interface Options {
   onHello?: (hello: Record<string, unknown>) => void;
   baseDelayMs?: number;
   maxDelayMs?: number;
+  openTimeoutMs?: number;
   sessionStorage?: Storage | null;
   tokenStorage?: Storage | null;
   WebSocket?: typeof WebSocket;

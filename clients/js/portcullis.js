@@ -48,6 +48,7 @@ const ROLE = '{"type":"portcullis.role"';
  * @property {(hello: object) => void} [onHello]
  * @property {number} [baseDelayMs]   backoff base (default 500)
  * @property {number} [maxDelayMs]    backoff ceiling (default 15000)
+ * @property {number} [openTimeoutMs] a handshake not done by then is given up (default 15000)
  * @property {Storage|null} [sessionStorage]  where the frame count is kept
  * @property {Storage|null} [tokenStorage]    where the session is kept, so
  *   other tabs of the page share it (default: localStorage when present)
@@ -85,6 +86,7 @@ export class PortcullisClient {
     this.random = opts.random ?? Math.random;
     this.baseDelay = opts.baseDelayMs ?? 500;
     this.maxDelay = opts.maxDelayMs ?? 15000;
+    this.openTimeout = opts.openTimeoutMs ?? 15000;
     this.counts = opts.sessionStorage !== undefined ? opts.sessionStorage : store('sessionStorage');
     this.tokens = opts.tokenStorage !== undefined ? opts.tokenStorage : store('localStorage');
     /** @type {Session|null} */
@@ -297,6 +299,20 @@ export class PortcullisClient {
     this.hello = null;
     ws.onmessage = (ev) => this.message(ev.data);
     ws.onclose = (ev) => this.closed(ev.code, ev.reason);
+    // A socket that fails before the hello is a 1006 whether or not a
+    // close event follows (Node 20's WebSocket sometimes reports only the
+    // error), and one that hangs in the handshake (a half-open path) is
+    // given up after `openTimeoutMs`: either way the backoff goes on.
+    const failed = () => {
+      if (this.ws === ws && this.hello === null) {
+        this.closeSocket(1000);
+        this.closed(1006, '');
+      }
+    };
+    ws.onerror = failed;
+    const hung = setTimeout(failed, this.openTimeout);
+    hung.unref?.();
+    ws.addEventListener?.('message', () => clearTimeout(hung), { once: true });
   }
 
   message(data) {
