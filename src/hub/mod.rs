@@ -124,6 +124,11 @@ pub struct Hub {
     /// store, the store's owner key (read again on every owner-change
     /// message) on Redis.
     owner: watch::Sender<Option<String>>,
+    /// Reads of the owner key issued, and the newest one applied: reads run
+    /// concurrently (so a mirror never waits on one before its next
+    /// frames), and an older answer never overwrites a newer one.
+    owner_reads: AtomicU64,
+    owner_applied: AtomicU64,
 }
 
 impl Hub {
@@ -140,6 +145,8 @@ impl Hub {
             created: std::time::Instant::now(),
             fabric,
             owner: watch::channel(None).0,
+            owner_reads: AtomicU64::new(0),
+            owner_applied: AtomicU64::new(0),
         }
     }
 
@@ -169,14 +176,34 @@ impl Hub {
     /// Redis store: reads who owns the session now (after an owner-change
     /// message, and once when the hub or mirror links).
     async fn refresh_owner(&self) {
-        if let Some(f) = &self.fabric {
-            match f.owner(&self.session_id, &self.route.name).await {
-                Ok(owner) => self.set_owner(owner),
-                Err(e) => {
-                    tracing::debug!(session = %self.session_id, error = %e, "owner not read")
-                }
+        let Some(f) = &self.fabric else {
+            return;
+        };
+        let ticket = self.owner_reads.fetch_add(1, Ordering::Relaxed) + 1;
+        match f.owner(&self.session_id, &self.route.name).await {
+            Ok(owner) => {
+                self.owner.send_if_modified(|cur| {
+                    // Checked under the watch's lock: answers apply in the
+                    // order their reads were issued, stale ones not at all.
+                    let newer = self.owner_applied.fetch_max(ticket, Ordering::Relaxed) < ticket;
+                    let changed = newer && *cur != owner;
+                    if changed {
+                        *cur = owner;
+                    }
+                    changed
+                });
+            }
+            Err(e) => {
+                tracing::debug!(session = %self.session_id, error = %e, "owner not read")
             }
         }
+    }
+
+    /// [`Hub::refresh_owner`] in the background: the caller (a mirror's
+    /// loop, the hub's remote-owner loop) goes on with its frames.
+    fn refresh_owner_soon(self: &Arc<Self>) {
+        let hub = self.clone();
+        tokio::spawn(async move { hub.refresh_owner().await });
     }
 
     /// Redis store: this instance changed the owner; every instance with
@@ -501,6 +528,9 @@ impl Hub {
                 tracing::warn!(session = %self.session_id, "viewport not counted out of the store");
             }
             if owned {
+                // This instance's viewports learn it before the leaving
+                // client sees its close; the others through the message.
+                self.refresh_owner().await;
                 self.owner_changed_in_store();
             }
         }

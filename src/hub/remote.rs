@@ -218,7 +218,7 @@ async fn serve_remote_owner(
                 *acks.entry(instance).or_default() += 1;
             }
             // A re-subscription may have missed an owner change.
-            Inbound::Owner | Inbound::Resync => hub.refresh_owner().await,
+            Inbound::Owner | Inbound::Resync => hub.refresh_owner_soon(),
             _ => {}
         }
         if inbox.rx.is_empty() {
@@ -275,10 +275,10 @@ pub async fn mirror(hub: Arc<Hub>, hubs: Hubs, m: Mirror, close_rx: CloseRx) {
                     }
                 }
                 Some(Inbound::Write { .. }) => {}
-                Some(Inbound::Owner) => hub.refresh_owner().await,
+                Some(Inbound::Owner) => hub.refresh_owner_soon(),
                 Some(Inbound::Resync) => {
                     // An owner change may have been missed as well.
-                    hub.refresh_owner().await;
+                    hub.refresh_owner_soon();
                     let next = hub.ring().next_seq();
                     follow(&hub, &fabric, next, Vec::new()).await;
                     // Missed the hub's end while away: the placement says.
