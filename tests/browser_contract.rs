@@ -234,6 +234,19 @@ async fn role_and_frame(sock: &mut Ws) -> (Value, Value) {
     if a.is_string() { (b, a) } else { (a, b) }
 }
 
+/// The owner `leaving` closes; `taking` is told nobody owns the session,
+/// writes `text`, and is told it owns it (the echo of `text` races that).
+async fn hand_over(leaving: &mut Ws, taking: &mut Ws, text: &str) {
+    leaving.close(None).await.unwrap();
+    let _ = expect_close(leaving, Duration::from_secs(5)).await;
+    assert_eq!(next_json(taking).await, role("reader", false));
+    taking.send(Message::text(text)).await.unwrap();
+    assert_eq!(
+        role_and_frame(taking).await,
+        (role("owner", true), json!(text))
+    );
+}
+
 fn role(role: &str, present: bool) -> Value {
     json!({ "type": "portcullis.role", "role": role, "owner_present": present })
 }
@@ -267,16 +280,9 @@ async fn shared_viewports_get_the_hello_and_a_role_frame_when_the_owner_changes(
         "frame 0 replayed"
     );
 
-    // The owner leaves: the reader is told nobody owns the session.
-    owner.close(None).await.unwrap();
-    let _ = expect_close(&mut owner, Duration::from_secs(5)).await;
-    assert_eq!(next_json(&mut reader).await, role("reader", false));
-    // It writes, and so becomes the owner.
-    reader.send(Message::text("two")).await.unwrap();
-    assert_eq!(
-        role_and_frame(&mut reader).await,
-        (role("owner", true), json!("two"))
-    );
+    // The owner leaves: the reader is told nobody owns the session; it
+    // writes, and so becomes the owner.
+    hand_over(&mut owner, &mut reader, "two").await;
     // A later viewport is a reader, told so in its hello, and frames are
     // numbered without the gateway's own.
     let (mut late, hello) = viewport(&gw, &s, "").await;
@@ -322,13 +328,6 @@ async fn role_frames_cross_instances_on_one_redis() {
     );
 
     // B leaves: A is told, claims, and is told it owns the session.
-    on_b.close(None).await.unwrap();
-    let _ = expect_close(&mut on_b, Duration::from_secs(5)).await;
-    assert_eq!(next_json(&mut again_a).await, role("reader", false));
-    again_a.send(Message::text("from-a")).await.unwrap();
-    assert_eq!(
-        role_and_frame(&mut again_a).await,
-        (role("owner", true), json!("from-a"))
-    );
+    hand_over(&mut on_b, &mut again_a, "from-a").await;
     assert_eq!(up.received(), vec!["from-b", "from-a"]);
 }
