@@ -35,13 +35,23 @@ async fn have_websockets() -> bool {
 }
 
 async fn python_client(gw: &Gateway, token: &str, deflate: bool, n: usize) -> serde_json::Value {
+    python_client_at(gw, "/ws/echo", token, deflate, n).await
+}
+
+async fn python_client_at(
+    gw: &Gateway,
+    path: &str,
+    token: &str,
+    deflate: bool,
+    n: usize,
+) -> serde_json::Value {
     let out = tokio::time::timeout(
         WITHIN,
         Command::new("python3")
             .arg(pyws::script("client.py"))
             .args([
                 gw.addr.to_string(),
-                "/ws/echo".into(),
+                path.into(),
                 token.into(),
                 if deflate { "1" } else { "0" }.into(),
                 n.to_string(),
@@ -59,6 +69,38 @@ async fn python_client(gw: &Gateway, token: &str, deflate: bool, n: usize) -> se
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("client prints JSON")
+}
+
+/// SPEC §9 on a permessage-deflate connection: the gateway's hello is a
+/// plain text frame (RSV1 clear, which RFC 7692 allows), the runtime's
+/// compressed messages follow it unchanged.
+#[tokio::test]
+async fn the_hello_is_an_uncompressed_frame_before_compressed_runtime_messages() {
+    if !have_websockets().await {
+        return;
+    }
+    let (_rt, port, _lines) = pyws::runtime(true).await;
+    let upstream = format!("ws://127.0.0.1:{port}/");
+    let gw = Gateway::start("", &config(None, &echo_route(&upstream, "")));
+    let token = login(gw.addr, "alice").await.token;
+    let r = python_client_at(&gw, "/ws/echo?portcullis=v1", &token, true, 20_000).await;
+    assert_eq!(r["status"], 101, "{r}");
+    assert!(
+        r["extensions"]
+            .as_str()
+            .unwrap_or("")
+            .contains("permessage-deflate"),
+        "{r}"
+    );
+    assert_eq!(r["hello"]["rsv1"], false, "{r}");
+    let hello: serde_json::Value =
+        serde_json::from_str(r["hello"]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(hello["mode"], "exclusive");
+    assert_eq!(r["echoed"], true, "{r}");
+    assert!(
+        r["wire_bytes"].as_u64().unwrap() < 5_000,
+        "the echo was compressed: {r}"
+    );
 }
 
 #[tokio::test]

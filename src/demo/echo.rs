@@ -9,8 +9,14 @@ const MAX_MESSAGE: usize = 1024 * 1024;
 /// Small: a demo echo holds a few sockets, each reading short chat lines.
 const READ_BUFFER: usize = 4096;
 
+/// A text message `/count <n>` is answered with `n` numbered lines, one
+/// every [`COUNT_EVERY`], so the page has a stream to reload in the middle
+/// of (at most [`COUNT_MAX`]).
+const COUNT_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+const COUNT_MAX: u32 = 10_000;
+
 /// Echoes every text and binary message back, until the listener's task is
-/// dropped with the process.
+/// dropped with the process; `/count <n>` streams lines instead.
 pub async fn serve(listener: TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -25,6 +31,26 @@ pub async fn serve(listener: TcpListener) {
                 return;
             };
             while let Some(Ok(msg)) = ws.next().await {
+                let count = msg
+                    .to_text()
+                    .ok()
+                    .and_then(|t| t.strip_prefix("/count "))
+                    .and_then(|n| n.trim().parse::<u32>().ok());
+                if let Some(n) = count {
+                    // The one socket is busy while it streams: a demo
+                    // runtime, not a server.
+                    for i in 1..=n.min(COUNT_MAX) {
+                        tokio::time::sleep(COUNT_EVERY).await;
+                        if ws
+                            .send(Message::text(format!("line {i} of {n}")))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    continue;
+                }
                 let echo = matches!(msg, Message::Text(_) | Message::Binary(_));
                 if matches!(msg, Message::Close(_)) || (echo && ws.send(msg).await.is_err()) {
                     return;

@@ -1,5 +1,7 @@
 //! `portcullis demo`: the gateway with a memory store, a built-in echo
 //! runtime, one demo user and a page at `/`, all from embedded defaults.
+//! The page is built on the JavaScript client (`/portcullis.js`) and talks
+//! to the shared route `/ws/chat`: two tabs show one conversation.
 
 pub mod echo;
 
@@ -82,6 +84,15 @@ password_hash = "{hash}"
 name = "echo"
 path = "/ws/echo"
 upstreams = ["ws://{echo_addr}/"]
+
+# The page's conversation: shared, so every tab of the session sees it,
+# one writes, and a reload resumes it (SPEC §7, §9).
+[[routes]]
+name = "chat"
+path = "/ws/chat"
+upstreams = ["ws://{echo_addr}/"]
+mode = "shared"
+replay_frames = 10000
 "#,
         port = addr.port()
     );

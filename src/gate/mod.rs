@@ -15,6 +15,11 @@
 //!    `503 too_many_connections`
 //! 6. an upstream that completes its handshake → else `502 upstream_unavailable`
 //!
+//! With `portcullis=v1` in the query (SPEC §9), a refusal at checks 3–6 is
+//! a `101` and an immediate close `4000 + status` with a JSON reason
+//! instead, since a browser cannot read a refused handshake; an accepted
+//! socket opens with the gateway's `portcullis.hello`.
+//!
 //! Only then does the client get its `101`. What happens to the socket
 //! after it belongs to [`crate::proxy::relay`] (exclusive routes) or
 //! [`crate::hub`] (shared routes); its lease, slot and close codes to
@@ -37,7 +42,7 @@ use tokio_util::either::Either as Io;
 
 use crate::config::{Mode, ServerConfig};
 use crate::error::{ApiError, Body};
-use crate::hub::Hubs;
+use crate::hub::{Hubs, Viewport};
 use crate::ids::connection_id;
 use crate::proxy::dial::{Dialled, UpstreamRequest, dial};
 use crate::proxy::relay::{self, Outcome, Pair, RelayConfig};
@@ -46,6 +51,8 @@ use crate::routing::Route;
 use crate::session::{
     Attach, LeaseRequest, SessionRecord, SessionStore, Store, UserAttach, UserLease,
 };
+use crate::sockets::close::{refusal, refusal_reason};
+use crate::sockets::contract;
 use crate::sockets::{Active, Held, Sockets};
 use crate::telemetry::{Metrics, RouteResultLabel};
 use crate::token::{Claims, TokenError, TokenService, credentials};
@@ -91,8 +98,15 @@ struct Admitted<'a> {
     deflate_offer: Option<http::HeaderValue>,
     headers: http::HeaderMap,
     deadline: tokio::time::Instant,
-    accept: String,
+    /// The client asked for the browser contract (SPEC §9).
+    browser: bool,
     held: Held,
+}
+
+/// A request that passed checks 1-6, before its `101`.
+enum Ready<'a> {
+    Exclusive(Admitted<'a>, usize, Dialled),
+    Shared(Admitted<'a>, Viewport),
 }
 
 impl Gate {
@@ -166,6 +180,32 @@ impl Gate {
                 return Err(ApiError::origin_not_allowed());
             }
         }
+        let browser = upgrade::browser_contract(req.uri().query());
+        match self.admit(&req, route, rest, peer, browser).await {
+            Ok(Ready::Exclusive(a, index, dialled)) => {
+                Ok(self.exclusive(on_upgrade, accept, a, index, dialled))
+            }
+            Ok(Ready::Shared(a, viewport)) => Ok(self.shared(on_upgrade, accept, a, viewport)),
+            // SPEC §9: a browser cannot read a refused handshake, so checks
+            // 3-6 are told in band to a client that asked for it.
+            Err(e) if browser && upgrade::told_in_band(&e) => {
+                let offered = upgrade::offered_protocols(req.headers());
+                Ok(refuse_in_band(on_upgrade, accept, &offered, e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks 3-6: token, session, limits, runtime. Nothing is dialled
+    /// before 3-5 pass.
+    async fn admit<'a>(
+        &self,
+        req: &'a Request<Incoming>,
+        route: &'a Arc<Route>,
+        rest: &'a str,
+        peer: SocketAddr,
+        browser: bool,
+    ) -> Result<Ready<'a>, ApiError> {
         // 3. Token.
         let query = req.uri().query();
         let token = credentials::for_upgrade(req.headers(), query)
@@ -214,7 +254,7 @@ impl Gate {
                 return Err(ApiError::too_many_connections(FULL_RETRY_AFTER_SECS));
             }
         }
-        // 6. Dial, and hand the socket over.
+        // 6. Dial (or join the session's hub).
         let admitted = Admitted {
             route,
             rest,
@@ -230,7 +270,7 @@ impl Gate {
             record,
             conn_id,
             deadline: tokio::time::Instant::now() + self.settings.handshake_timeout,
-            accept,
+            browser,
             held: Held {
                 slot,
                 lease,
@@ -238,28 +278,36 @@ impl Gate {
             },
         };
         match route.mode {
-            Mode::Shared => self.shared(on_upgrade, admitted).await,
-            Mode::Exclusive => self.exclusive(on_upgrade, admitted).await,
+            Mode::Shared => {
+                let viewport = self.join_hub(&admitted).await?;
+                Ok(Ready::Shared(admitted, viewport))
+            }
+            Mode::Exclusive => {
+                let Some((index, dialled)) = dial_route(&admitted).await else {
+                    return Err(ApiError::upstream_unavailable());
+                };
+                Ok(Ready::Exclusive(admitted, index, dialled))
+            }
         }
     }
 
     /// Exclusive routes: one runtime socket per client socket, relayed as
     /// bytes.
-    async fn exclusive(
+    fn exclusive(
         &self,
         on_upgrade: hyper::upgrade::OnUpgrade,
+        accept: String,
         mut a: Admitted<'_>,
-    ) -> Result<Response<Body>, ApiError> {
-        let Some((index, dialled)) = dial_route(&a).await else {
-            return Err(ApiError::upstream_unavailable());
-        };
+        index: usize,
+        dialled: Dialled,
+    ) -> Response<Body> {
         let close_rx =
             self.sockets
                 .registry()
                 .register_socket(&a.claims.sid, &a.conn_id, a.record.expires_at);
         let deflate = dialled.extensions.is_some();
         let resp = upgrade::switching_protocols(
-            a.accept,
+            accept,
             dialled.protocol.clone(),
             &a.offered,
             dialled.extensions.clone(),
@@ -270,6 +318,9 @@ impl Gate {
             ping_interval: self.settings.ping_interval,
             pong_timeout: self.settings.pong_timeout,
         };
+        let hello = a
+            .browser
+            .then(|| contract::hello(&a.claims.sid, None).into_boxed_str());
         // Until hyper hands the client socket over, the task holds what the
         // relay will need; after, only the relay. `then` keeps the two stages
         // in one place of the task's memory instead of side by side: an idle
@@ -292,20 +343,33 @@ impl Gate {
             // a pair with a TLS side is boxed beside rustls' own buffers.
             match (client, upstream) {
                 (Either::Left(c), Io::Left(u)) => Either::Left(Either::Left(relay::relay(
-                    Pair::new(c, u, early, deflate),
+                    Pair::new(c, u, early, deflate).with_hello(hello),
                     cfg,
                     close_rx,
                 ))),
                 (Either::Left(c), Io::Right(u)) => Either::Left(Either::Right(
-                    relay::relay(Pair::new(c, upstream_tls(u), early, deflate), cfg, close_rx)
-                        .boxed(),
+                    relay::relay(
+                        Pair::new(c, upstream_tls(u), early, deflate).with_hello(hello),
+                        cfg,
+                        close_rx,
+                    )
+                    .boxed(),
                 )),
                 (Either::Right(c), Io::Left(u)) => Either::Left(Either::Right(
-                    relay::relay(Pair::new(c, u, early, deflate), cfg, close_rx).boxed(),
+                    relay::relay(
+                        Pair::new(c, u, early, deflate).with_hello(hello),
+                        cfg,
+                        close_rx,
+                    )
+                    .boxed(),
                 )),
                 (Either::Right(c), Io::Right(u)) => Either::Left(Either::Right(
-                    relay::relay(Pair::new(c, upstream_tls(u), early, deflate), cfg, close_rx)
-                        .boxed(),
+                    relay::relay(
+                        Pair::new(c, upstream_tls(u), early, deflate).with_hello(hello),
+                        cfg,
+                        close_rx,
+                    )
+                    .boxed(),
                 )),
             }
         });
@@ -313,7 +377,7 @@ impl Gate {
         a.held.active = Some(Active::new(a.route.clone(), index));
         self.sockets
             .spawn(socket.map(Outcome::gateway_code), a.held);
-        Ok(resp)
+        resp
     }
 }
 
@@ -336,6 +400,28 @@ fn client_io(up: hyper::upgrade::Upgraded) -> Option<(Either<TcpStream, TlsIo>, 
 fn upstream_tls(tls: Box<tokio_rustls::client::TlsStream<TcpStream>>) -> TlsIo {
     let (tcp, conn) = (*tls).into_inner();
     TlsIo::new(tcp, conn)
+}
+
+/// SPEC §9: the `101` of a refusal told in band, and one short task that
+/// sends its close once hyper hands the socket over. The error rides along
+/// in the response's extensions, so the HTTP layer still logs and counts
+/// it as the refusal it is.
+fn refuse_in_band(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    accept: String,
+    offered: &upgrade::Offered,
+    e: ApiError,
+) -> Response<Body> {
+    let code = refusal(e.status.as_u16());
+    let reason = refusal_reason(e.code, e.retry_after);
+    tokio::spawn(async move {
+        if let Ok(up) = on_upgrade.await {
+            relay::refuse(TokioIo::new(up), code, &reason).await;
+        }
+    });
+    let mut resp = upgrade::switching_protocols(accept, None, offered, None);
+    resp.extensions_mut().insert(e);
+    resp
 }
 
 /// Tries the route's upstreams in balance order, each at most once, until

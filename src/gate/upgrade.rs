@@ -288,6 +288,22 @@ fn strip_session_cookie(value: &HeaderValue) -> Option<HeaderValue> {
     HeaderValue::from_str(&kept.join("; ")).ok()
 }
 
+/// SPEC §9: the client asked for the browser contract with the query
+/// parameter `portcullis=v1` (never forwarded upstream).
+pub fn browser_contract(query: Option<&str>) -> bool {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .any(|p| p == "portcullis=v1")
+}
+
+/// SPEC §9: the refusals a browser client is told in band, after a `101`:
+/// checks 3-6 (403, 502, 503); asked only of their errors. A malformed
+/// `resume_from` (400) stays plain HTTP, as checks 1-2 do.
+pub fn told_in_band(e: &ApiError) -> bool {
+    matches!(e.status.as_u16(), 403 | 502 | 503)
+}
+
 /// The `101`, for exclusive and shared sockets alike. It carries the
 /// subprotocol the runtime chose if this client offered it (a shared hub's
 /// runtime chose once, for the viewport that dialled it); when the client

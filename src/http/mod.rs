@@ -31,7 +31,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     );
     let (endpoint, result) = dispatch(&app, req, peer).await;
     let resp = match result {
-        Ok(resp) => resp,
+        Ok(resp) => {
+            // SPEC §9: a refusal told in band after a `101` is still one.
+            if let Some(e) = resp.extensions().get::<ApiError>() {
+                refused(&app.metrics, endpoint, e);
+            }
+            resp
+        }
         Err(e) => {
             refused(&app.metrics, endpoint, &e);
             e.into_response()
@@ -90,6 +96,20 @@ fn refused(metrics: &Metrics, endpoint: &'static str, e: &ApiError) {
             "refused"
         ),
     }
+}
+
+/// The JavaScript client of SPEC §9 (`clients/js/`), served so a page on
+/// any origin allowed to open sockets can load the version that matches
+/// this gateway.
+const CLIENT_JS: &str = include_str!("../../clients/js/portcullis.js");
+
+fn client_module() -> Response<Body> {
+    let mut resp = Response::new(Body::from(CLIENT_JS));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    resp
 }
 
 fn only(req: &Request<Incoming>, method: Method, allow: &'static str) -> Result<(), ApiError> {
@@ -159,6 +179,10 @@ async fn dispatch(
         "/.well-known/jwks.json" => (
             "jwks",
             only(&req, Method::GET, "GET").and_then(|()| api::jwks(&app.tokens)),
+        ),
+        "/portcullis.js" => (
+            "client",
+            only(&req, Method::GET, "GET").map(|()| client_module()),
         ),
         "/" if app.demo_page.is_some() => (
             "demo",

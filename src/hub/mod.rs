@@ -119,6 +119,16 @@ pub struct Hub {
     /// Where viewports and ownership are counted across instances; `None`
     /// on the memory store.
     fabric: Option<Fabric>,
+    /// The owning viewport's name ([`Hub::viewport_name`]), for the
+    /// `portcullis.role` frames of SPEC §9. Follows the ring on the memory
+    /// store, the store's owner key (read again on every owner-change
+    /// message) on Redis.
+    owner: watch::Sender<Option<String>>,
+    /// Reads of the owner key issued, and the newest one applied: reads run
+    /// concurrently (so a mirror never waits on one before its next
+    /// frames), and an older answer never overwrites a newer one.
+    owner_reads: AtomicU64,
+    owner_applied: AtomicU64,
 }
 
 impl Hub {
@@ -134,6 +144,79 @@ impl Hub {
             viewports_changed: Notify::new(),
             created: std::time::Instant::now(),
             fabric,
+            owner: watch::channel(None).0,
+            owner_reads: AtomicU64::new(0),
+            owner_applied: AtomicU64::new(0),
+        }
+    }
+
+    /// A viewport's name in [`Hub::owner`]: its name in the store on
+    /// Redis, its local id otherwise.
+    fn viewport_name(&self, viewport: u64) -> String {
+        self.global_id(viewport)
+            .unwrap_or_else(|| viewport.to_string())
+    }
+
+    fn set_owner(&self, owner: Option<String>) {
+        self.owner.send_if_modified(|cur| {
+            let changed = *cur != owner;
+            *cur = owner;
+            changed
+        });
+    }
+
+    /// Memory store: the ring decides ownership; pass on what it says.
+    fn ring_owner_changed(&self) {
+        if self.fabric.is_none() {
+            let owner = self.ring().owner();
+            self.set_owner(owner.map(|o| o.to_string()));
+        }
+    }
+
+    /// Redis store: reads who owns the session now (after an owner-change
+    /// message, and once when the hub or mirror links).
+    async fn refresh_owner(&self) {
+        let Some(f) = &self.fabric else {
+            return;
+        };
+        let ticket = self.owner_reads.fetch_add(1, Ordering::Relaxed) + 1;
+        match f.owner(&self.session_id, &self.route.name).await {
+            Ok(owner) => {
+                self.owner.send_if_modified(|cur| {
+                    // Checked under the watch's lock: answers apply in the
+                    // order their reads were issued, stale ones not at all.
+                    let newer = self.owner_applied.fetch_max(ticket, Ordering::Relaxed) < ticket;
+                    let changed = newer && *cur != owner;
+                    if changed {
+                        *cur = owner;
+                    }
+                    changed
+                });
+            }
+            Err(e) => {
+                tracing::debug!(session = %self.session_id, error = %e, "owner not read")
+            }
+        }
+    }
+
+    /// [`Hub::refresh_owner`] in the background: the caller (a mirror's
+    /// loop, the hub's remote-owner loop) goes on with its frames.
+    fn refresh_owner_soon(self: &Arc<Self>) {
+        let hub = self.clone();
+        tokio::spawn(async move { hub.refresh_owner().await });
+    }
+
+    /// Redis store: this instance changed the owner; every instance with
+    /// viewports of the session (this one included) reads it again. In the
+    /// background: a role frame is news, not a gate on anything.
+    fn owner_changed_in_store(&self) {
+        if let Some(f) = self.fabric.clone() {
+            let (sid, route) = (self.session_id.clone(), self.route.name.clone());
+            tokio::spawn(async move {
+                if let Err(e) = f.publish_owner_changed(&sid, &route).await {
+                    tracing::debug!(session = %sid, error = %e, "owner change not published");
+                }
+            });
         }
     }
 
@@ -300,6 +383,8 @@ impl Hub {
                             return Err(e.into());
                         }
                     };
+                    // Subscribed: every later owner change reaches us.
+                    self.refresh_owner().await;
                     let protocol = d.protocol.as_ref().and_then(|p| p.to_str().ok());
                     if !fabric.link_hub(sid, route, self.id.0, protocol).await? {
                         // Taken over while dialling (this instance was
@@ -348,6 +433,7 @@ impl Hub {
         let (sid, route) = (self.session_id.as_str(), self.route.name.as_str());
         // Subscribe first, then read the stream: nothing falls between.
         let outbox = fabric.subscribe(sid, route, true).await?;
+        self.refresh_owner().await;
         let (frames, next) = fabric.frames_from(sid, route, 0).await?;
         let frames = frames
             .into_iter()
@@ -399,29 +485,44 @@ impl Hub {
             }
             _ => None,
         };
+        // Subscribed before the ring decides, so no later change is missed.
+        let owner_rx = self.owner.subscribe();
         let Some((start, handle)) = self.ring().attach(id, resume_from, owner) else {
-            self.forget_viewport(id);
+            self.forget_viewport(id, owner == Some(true));
             return Ok(None);
         };
+        if start.owner {
+            self.ring_owner_changed();
+            if owner.is_some() {
+                self.owner_changed_in_store();
+            }
+        }
         self.viewports_changed.notify_one();
-        Ok(Some(Viewport::new(self.clone(), id, start, handle)))
+        Ok(Some(Viewport::new(
+            self.clone(),
+            id,
+            start,
+            handle,
+            owner_rx,
+        )))
     }
 
     /// A viewport left; the hub's grace clock starts when it was the last.
     /// Counted out of the store in the background.
-    fn detach(&self, viewport: u64) {
+    fn detach(&self, viewport: u64, owned: bool) {
         self.detach_here(viewport);
-        self.forget_viewport(viewport);
+        self.forget_viewport(viewport, owned);
     }
 
     fn detach_here(&self, viewport: u64) {
         if self.ring().detach(viewport) == 0 {
             self.viewports_changed.notify_one();
         }
+        self.ring_owner_changed();
     }
 
     /// [`Hub::detach`], waiting (bounded) until the store counted it out.
-    async fn leave(&self, viewport: u64) {
+    async fn leave(&self, viewport: u64, owned: bool) {
         self.detach_here(viewport);
         if let (Some(f), Some(gid)) = (&self.fabric, self.global_id(viewport)) {
             let done = tokio::time::timeout(
@@ -432,16 +533,26 @@ impl Hub {
             if !matches!(done, Ok(Ok(()))) {
                 tracing::warn!(session = %self.session_id, "viewport not counted out of the store");
             }
+            if owned {
+                // This instance's viewports learn it before the leaving
+                // client sees its close; the others through the message.
+                self.refresh_owner().await;
+                self.owner_changed_in_store();
+            }
         }
     }
 
-    /// Counts a viewport out of the store (and frees its ownership there).
-    fn forget_viewport(&self, viewport: u64) {
+    /// Counts a viewport out of the store (and frees its ownership there,
+    /// telling the others when it held it).
+    fn forget_viewport(&self, viewport: u64, owned: bool) {
         if let (Some(f), Some(gid)) = (self.fabric.clone(), self.global_id(viewport)) {
             let (sid, route) = (self.session_id.clone(), self.route.name.clone());
             tokio::spawn(async move {
                 if let Err(e) = f.detach_viewport(&sid, &route, &gid).await {
                     tracing::warn!(session = %sid, error = %e, "viewport not counted out of the store");
+                }
+                if owned && let Err(e) = f.publish_owner_changed(&sid, &route).await {
+                    tracing::debug!(session = %sid, error = %e, "owner change not published");
                 }
             });
         }
@@ -453,10 +564,21 @@ impl Hub {
         match (&self.fabric, self.global_id(id)) {
             (Some(_), _) if owns => Ok(true),
             (Some(f), Some(gid)) => {
-                f.claim_owner(&self.session_id, &self.route.name, &gid)
-                    .await
+                let won = f
+                    .claim_owner(&self.session_id, &self.route.name, &gid)
+                    .await?;
+                if won {
+                    self.owner_changed_in_store();
+                }
+                Ok(won)
             }
-            _ => Ok(self.ring().may_write(id)),
+            _ => {
+                let may = self.ring().may_write(id);
+                if may && !owns {
+                    self.ring_owner_changed();
+                }
+                Ok(may)
+            }
         }
     }
 }

@@ -208,13 +208,18 @@ async fn serve_remote_owner(
 ) {
     let mut acks: HashMap<String, u32> = HashMap::new();
     while let Some(m) = inbox.rx.recv().await {
-        if let Inbound::Write { instance, frame } = m {
-            if let Some(msg) = to_message(frame) {
-                if to_runtime.send(msg).await.is_err() {
-                    return;
+        match m {
+            Inbound::Write { instance, frame } => {
+                if let Some(msg) = to_message(frame) {
+                    if to_runtime.send(msg).await.is_err() {
+                        return;
+                    }
                 }
+                *acks.entry(instance).or_default() += 1;
             }
-            *acks.entry(instance).or_default() += 1;
+            // A re-subscription may have missed an owner change.
+            Inbound::Owner | Inbound::Resync => hub.refresh_owner_soon(),
+            _ => {}
         }
         if inbox.rx.is_empty() {
             for (instance, n) in acks.drain() {
@@ -270,7 +275,10 @@ pub async fn mirror(hub: Arc<Hub>, hubs: Hubs, m: Mirror, close_rx: CloseRx) {
                     }
                 }
                 Some(Inbound::Write { .. }) => {}
+                Some(Inbound::Owner) => hub.refresh_owner_soon(),
                 Some(Inbound::Resync) => {
+                    // An owner change may have been missed as well.
+                    hub.refresh_owner_soon();
                     Box::pin(catch_up(&hub, &fabric, Vec::new())).await;
                     // Missed the hub's end while away: the placement says.
                     match Box::pin(fabric.hub_holder(&hub.session_id, &hub.route.name)).await {

@@ -220,6 +220,11 @@ impl Ring {
         self.viewports.len()
     }
 
+    /// The owning viewport, if any.
+    pub fn owner(&self) -> Option<u64> {
+        self.owner
+    }
+
     /// A data frame from viewport `id`: may it go upstream? Claims free
     /// ownership atomically, so two racing readers cannot both win.
     pub fn may_write(&mut self, id: u64) -> bool {

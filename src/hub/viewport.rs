@@ -10,6 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::HeaderValue;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -21,6 +22,7 @@ use super::{Hub, HubClose};
 use crate::shutdown::Shutdown;
 use crate::sockets::CloseRx;
 use crate::sockets::close::{self, Close};
+use crate::sockets::contract;
 
 /// Frames taken from the ring per lock.
 const BATCH: usize = 64;
@@ -45,6 +47,9 @@ pub struct Viewport {
     owns: bool,
     /// Already counted out of its hub (and the store).
     released: bool,
+    /// The hub's owner, for `portcullis.role` frames (SPEC §9); read only
+    /// when the client asked for the browser contract.
+    owner_rx: watch::Receiver<Option<String>>,
 }
 
 /// How a viewport's loop ended.
@@ -65,7 +70,13 @@ fn lagged() -> Exit {
 }
 
 impl Viewport {
-    pub(super) fn new(hub: Arc<Hub>, id: u64, start: Start, handle: ViewportHandle) -> Self {
+    pub(super) fn new(
+        hub: Arc<Hub>,
+        id: u64,
+        start: Start,
+        handle: ViewportHandle,
+        owner_rx: watch::Receiver<Option<String>>,
+    ) -> Self {
         Viewport {
             owns: start.owner,
             released: false,
@@ -73,7 +84,27 @@ impl Viewport {
             id,
             start,
             handle,
+            owner_rx,
         }
+    }
+
+    /// SPEC §9: the first frame of a browser-contract viewport.
+    fn hello(&self) -> String {
+        let s = self.start;
+        let start = contract::SharedStart {
+            role: if s.owner { "owner" } else { "reader" },
+            seq: s.seq,
+            resume: s.resume_ok.map(|ok| if ok { "ok" } else { "gap" }),
+        };
+        contract::hello(&self.hub.session_id, Some(start))
+    }
+
+    /// SPEC §9: what this viewport is told when the owner changed, as
+    /// (owner, owner_present).
+    fn role_now(&mut self) -> (bool, bool) {
+        let me = self.hub.viewport_name(self.id);
+        let owner = self.owner_rx.borrow_and_update();
+        (owner.as_deref() == Some(me.as_str()), owner.is_some())
     }
 
     /// Where this viewport starts and whether it owns the session: what its
@@ -89,20 +120,42 @@ impl Viewport {
 
     /// Serves the viewport until it or its hub ends. Returns the close code
     /// sent to the client, if any.
+    /// `browser`: the client asked for the browser contract (SPEC §9), so
+    /// it is sent the hello first and role frames when the owner changes.
     pub async fn serve(
         mut self,
         mut ws: ClientWs,
         close_rx: CloseRx,
         shutdown: Shutdown,
+        browser: bool,
     ) -> Option<u16> {
         let mut interrupts = Interrupts::new(close_rx, shutdown);
-        let exit = self.pump(&mut ws, &mut interrupts).await;
+        // What the client was told of the owner: the hello's role and, for
+        // a reader (whose hello cannot say whether anyone writes), a role
+        // frame right behind it, so a page can explain why it cannot type.
+        let exit = if browser {
+            let (_, present) = self.role_now();
+            let told = (self.start.owner, self.start.owner || present);
+            let greeted = async {
+                ws.feed(Message::text(self.hello())).await?;
+                if !self.start.owner {
+                    ws.feed(role_frame(told)).await?;
+                }
+                ws.flush().await
+            };
+            match greeted.await {
+                Ok(()) => self.pump(&mut ws, &mut interrupts, Some(told)).await,
+                Err(_) => Exit::Gone,
+            }
+        } else {
+            self.pump(&mut ws, &mut interrupts, None).await
+        };
         tracing::debug!(session = %self.hub.session_id, viewport = self.id, ?exit, "viewport ending");
         // Detach first: the hub's grace clock starts now, not after the
         // client has answered our close, and by the time the client sees
         // the close its ownership is free on every instance.
         self.released = true;
-        self.hub.leave(self.id).await;
+        self.hub.leave(self.id, self.owns).await;
         drop(self);
         match exit {
             Exit::Gone => {
@@ -132,10 +185,19 @@ impl Viewport {
     /// The viewport's loop: deliver the ring from the cursor, forward the
     /// owner's frames, until something ends it. Every wait on a peer (a slow
     /// client, a slow runtime) is interruptible by revocation and shutdown.
-    async fn pump(&mut self, ws: &mut ClientWs, interrupts: &mut Interrupts) -> Exit {
+    /// `told`: with the browser contract, what the client last heard of
+    /// the owner; role frames follow its changes.
+    async fn pump(
+        &mut self,
+        ws: &mut ClientWs,
+        interrupts: &mut Interrupts,
+        told: Option<(bool, bool)>,
+    ) -> Exit {
         let hub = self.hub.clone();
         let mut wake = hub.wake.subscribe();
         let mut cursor = self.handle.cursor.load(Ordering::Acquire);
+        let browser = told.is_some();
+        let mut told = told.unwrap_or_default();
         loop {
             let next = hub.ring().next_for(cursor, BATCH);
             match next {
@@ -154,6 +216,22 @@ impl Viewport {
             }
             tokio::select! {
                 _ = wake.changed() => {}
+                r = self.owner_rx.changed(), if browser => {
+                    // The hub holds the sender and this viewport the hub:
+                    // an error cannot happen while it runs.
+                    if r.is_err() {
+                        continue;
+                    }
+                    let now = self.role_now();
+                    if now != told {
+                        told = now;
+                        let frame = role_frame(now);
+                        tokio::select! {
+                            r = ws.send(frame) => if r.is_err() { return Exit::Gone },
+                            c = interrupts.next() => return close(c),
+                        }
+                    }
+                }
                 m = ws.next() => match m {
                     Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                         let sent = tokio::select! {
@@ -228,10 +306,15 @@ impl Viewport {
     }
 }
 
+/// SPEC §9: `{"type":"portcullis.role","role":…,"owner_present":…}`.
+fn role_frame((owner, present): (bool, bool)) -> Message {
+    Message::text(contract::role(owner, present))
+}
+
 impl Drop for Viewport {
     fn drop(&mut self) {
         if !self.released {
-            self.hub.detach(self.id);
+            self.hub.detach(self.id, self.owns);
         }
     }
 }

@@ -22,7 +22,7 @@
 
 use simdutf8::compat::from_utf8;
 
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
 
 /// Longest possible frame header (RFC 6455 §5.2).
@@ -506,6 +506,16 @@ pub fn close_frame(code: u16, reason: &str, masked: bool) -> Vec<u8> {
             reason: reason.to_string().into(),
         })),
         masked,
+    )
+}
+
+/// A text frame of the gateway's own (SPEC §9: `portcullis.hello`),
+/// unmasked, towards a client. Never compressed: RSV1 clear is a valid
+/// uncompressed message on a permessage-deflate connection (RFC 7692 §6).
+pub fn text_frame(text: &str) -> Vec<u8> {
+    encode(
+        Frame::message(text.to_string(), OpCode::Data(Data::Text), true),
+        false,
     )
 }
 

@@ -277,6 +277,10 @@ pub struct Pair<C, U> {
     /// permessage-deflate was negotiated (the runtime accepted the client's
     /// offer): RSV1 may mark the first frame of a data message both ways.
     pub deflate: bool,
+    /// The gateway's own first text frame for the client (SPEC §9
+    /// `portcullis.hello`), written before any runtime byte. Consumed by
+    /// the set-up, so an idle connection keeps nothing of it.
+    pub hello: Option<Box<str>>,
 }
 
 impl<C, U> Pair<C, U> {
@@ -288,7 +292,13 @@ impl<C, U> Pair<C, U> {
             upstream,
             upstream_early: early.1,
             deflate,
+            hello: None,
         }
+    }
+
+    /// With the gateway's `portcullis.hello` text frame first (SPEC §9).
+    pub fn with_hello(self, hello: Option<Box<str>>) -> Self {
+        Pair { hello, ..self }
     }
 }
 
@@ -486,6 +496,7 @@ pub fn relay<C: Endpoint, U: Endpoint>(
         upstream,
         upstream_early,
         deflate,
+        hello,
     } = pair;
     let now = Instant::now();
     let mut r = Relay {
@@ -513,8 +524,17 @@ pub fn relay<C: Endpoint, U: Endpoint>(
         peer_close_deadline: None,
         close_rx: Some(close_rx),
     };
+    // The hello goes first, at a frame boundary (nothing has been sent to
+    // the client yet), so the runtime's bytes follow it unchanged.
+    if let Some(text) = hello
+        && r.u2c
+            .send(&mut r.client, &frames::text_frame(&text))
+            .is_err()
+    {
+        r.client_gone();
+    }
     // Bytes either peer pipelined behind its handshake.
-    if !client_early.is_empty() {
+    if !client_early.is_empty() && !r.closing() {
         match r
             .c2u
             .forward(&client_early, &mut r.upstream, cfg.max_message, Pass::All)
@@ -556,6 +576,29 @@ pub fn relay<C: Endpoint, U: Endpoint>(
         std::future::poll_fn(|cx| r.poll_flush_owed(cx, timer.as_mut())).await;
         ended
     }
+}
+
+/// SPEC §9: a refusal told in band. After the `101`, the client gets one
+/// close frame (`4000 + status`, the JSON reason) and, at most
+/// [`CLOSE_WAIT`] later, the end of the TCP connection; nothing is read
+/// but the client's answer. Costs what an HTTP refusal costs: no runtime,
+/// no relay, one short task.
+pub async fn refuse<S>(mut client: S, code: u16, reason: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let frame = frames::close_frame(code, reason, false);
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        client.write_all(&frame).await?;
+        client.flush().await?;
+        // The client's close reply (or its hang-up) ends the handshake;
+        // then the server closes the TCP first, as RFC 6455 §7.1.1 asks.
+        let mut answer = [0u8; 64];
+        let _ = client.read(&mut answer).await?;
+        Ok::<_, io::Error>(())
+    })
+    .await;
 }
 
 impl<C: Endpoint, U: Endpoint> Relay<C, U> {
@@ -782,6 +825,7 @@ mod tests {
             upstream,
             upstream_early: bytes::Bytes::new(),
             deflate: true,
+            hello: Some("{}".into()),
         };
         let fut = relay(pair, cfg, rx);
         let size = size_of_future(&fut);

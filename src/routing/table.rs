@@ -54,8 +54,8 @@ impl Route {
             url.set_path(&format!("{base}{rest}"));
         }
         let strip: &[&str] = match self.mode {
-            Mode::Shared => &["session_token", "resume_from"],
-            Mode::Exclusive => &["session_token"],
+            Mode::Shared => &["session_token", "resume_from", "portcullis"],
+            Mode::Exclusive => &["session_token", "portcullis"],
         };
         let client_query = query.map(|q| strip_params(q, strip)).unwrap_or_default();
         let merged = match (
@@ -153,7 +153,7 @@ mod tests {
         let u = route(Mode::Shared).upstream_url(
             &up,
             "/x/y",
-            Some("resume_from=3&k=v&session_token=s"),
+            Some("resume_from=3&k=v&session_token=s&portcullis=v1"),
         );
         assert_eq!(u.as_str(), "ws://h:1/agent/x/y?k=v");
         let u = route(Mode::Exclusive).upstream_url(&up, "", Some("resume_from=3"));

@@ -80,9 +80,32 @@ pub const fn refusal(status: u16) -> u16 {
     4000 + status
 }
 
+/// SPEC §9: the close reason of a refusal told in band, the compact JSON
+/// `{"error":"<code>"}`, with `"retry_after"` where the HTTP refusal would
+/// carry `Retry-After`. Codes are fixed identifiers, so no escaping is
+/// needed and the reason stays far below the 123 bytes a close allows.
+pub fn refusal_reason(code: &str, retry_after: Option<u64>) -> String {
+    match retry_after {
+        Some(secs) => format!(r#"{{"error":"{code}","retry_after":{secs}}}"#),
+        None => format!(r#"{{"error":"{code}"}}"#),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_band_refusal_reasons_are_compact_json() {
+        assert_eq!(
+            refusal_reason("missing_token", None),
+            r#"{"error":"missing_token"}"#
+        );
+        assert_eq!(
+            refusal_reason("too_many_connections", Some(1)),
+            r#"{"error":"too_many_connections","retry_after":1}"#
+        );
+    }
 
     #[test]
     fn session_ends_close_with_policy_violation_and_their_reason() {

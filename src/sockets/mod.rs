@@ -7,6 +7,7 @@
 //! task touches, and nothing else of the app.
 
 pub mod close;
+pub mod contract;
 mod lease;
 pub mod registry;
 mod release;

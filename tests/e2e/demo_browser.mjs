@@ -22,6 +22,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import readline from "node:readline";
+import http from "node:http";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, "..", "..");
@@ -139,94 +140,103 @@ async function runBrowser(demo) {
     const resp = await page.goto(demo.url + "/", { timeout: WAIT_MS });
     check("page loads", resp && resp.status() === 200, `status ${resp && resp.status()}, title ${JSON.stringify(await page.title())}`);
 
-    const logText = () => page.locator("#log").innerText();
-    const waitLog = async (name, needle) => {
+    const logOf = (p) => p.locator("#log").innerText();
+    const logText = () => logOf(page);
+    const waitFor = async (name, p, fn, arg) => {
       try {
-        await page.waitForFunction(
-          (n) => document.getElementById("log").innerText.includes(n), needle, { timeout: WAIT_MS });
-        const line = (await logText()).split("\n").find((l) => l.includes(needle));
-        check(name, true, `log line: ${JSON.stringify(line)}`);
+        await p.waitForFunction(fn, arg, { timeout: WAIT_MS });
+        check(name, true);
         return true;
       } catch (e) {
-        check(name, false, `not seen within ${WAIT_MS} ms; log: ${JSON.stringify(await logText())}`);
+        check(name, false, `not within ${WAIT_MS} ms; log: ${JSON.stringify((await logOf(p)).slice(-600))}`);
         return false;
       }
     };
+    const waitLog = (name, needle, p = page) =>
+      waitFor(name, p, (n) => document.getElementById("log").innerText.includes(n), needle);
+    const text = (p, id) => p.locator(`#${id}`).innerText();
 
-    // Extra: a wrong password is refused and reported in the log.
+    // A wrong password is refused and reported in the log.
     await page.fill("#username", demo.user);
     await page.fill("#password", "definitely-wrong");
     await page.click("#login button");
     await waitLog("wrong password refused", "login refused: 401");
 
-    // Log in.
+    // Log in: tab 1 opens the conversation and writes.
     await page.fill("#password", demo.pass);
-    const loginResp = page.waitForResponse((r) => r.url().endsWith("/api/auth/login"), { timeout: WAIT_MS });
     await page.click("#login button");
-    const lr = await loginResp;
-    const loginBody = await lr.json().catch(() => ({}));
-    check("login accepted", lr.status() === 200 && !!loginBody.session_token, `status ${lr.status()}, session ${loginBody.session_id}`);
-    const token = loginBody.session_token;
-    await waitLog("socket open", "socket open");
-    check("#who shows the session", /session .+ for /.test(await page.locator("#who").innerText()),
-      JSON.stringify(await page.locator("#who").innerText()));
-    check("chat enabled after open", !(await page.locator("#msg").isDisabled()) && !(await page.locator("#send").isDisabled()));
-
-    // Negotiated protocol of the page's own socket, from the handshake response.
+    await waitFor("tab 1 open", page, () => document.getElementById("state").innerText.startsWith("open"));
+    check("tab 1 is the writer", (await text(page, "role")).includes("You are the writer"), await text(page, "role"));
     const hs = handshakes[0];
     const hsProto = hs && Object.entries(hs.headers).find(([k]) => k.toLowerCase() === "sec-websocket-protocol");
-    check("page socket handshake: 101 with Sec-WebSocket-Protocol bearer",
-      !!hs && hs.status === 101 && hsProto && hsProto[1] === "bearer",
-      hs ? `status ${hs.status}, Sec-WebSocket-Protocol ${JSON.stringify(hsProto && hsProto[1])}` : "no handshake seen");
+    check("handshake: 101 with Sec-WebSocket-Protocol bearer, token not in the URL",
+      !!hs && hs.status === 101 && hsProto && hsProto[1] === "bearer" && wsEvents[0].includes("portcullis=v1")
+        && !wsEvents[0].includes("token"),
+      `${hs && hs.status} ${JSON.stringify(hsProto && hsProto[1])} ${wsEvents[0]}`);
 
-    // Chat.
+    // Tab 2 joins the same session (the client keeps it in localStorage)
+    // and is a reader that is told why it cannot type.
+    const page2 = await browser.newPage();
+    page2.setDefaultTimeout(WAIT_MS);
+    await page2.goto(demo.url + "/", { timeout: WAIT_MS });
+    await waitFor("tab 2 open", page2, () => document.getElementById("state").innerText.startsWith("open"));
+    check("tab 2 is a reader and says why", (await text(page2, "role")).includes("Read-only: another tab"),
+      await text(page2, "role"));
+    check("tab 2 cannot type", await page2.locator("#msg").isDisabled());
     await page.fill("#msg", MESSAGE);
     await page.click("#send");
-    await waitLog("you: line", `you: ${MESSAGE}`);
-    await waitLog("echo received", `runtime: ${MESSAGE}`);
-    check("input cleared after send", (await page.locator("#msg").inputValue()) === "");
-    await page.screenshot({ path: path.join(OUT_DIR, "demo.png"), fullPage: true });
+    await waitLog("tab 1 sees the echo", `runtime: ${MESSAGE}`);
+    await waitLog("tab 2 sees the same frame", `runtime: ${MESSAGE}`, page2);
+    await page.screenshot({ path: path.join(OUT_DIR, "demo-tab1-writer.png"), fullPage: true });
+    await page2.screenshot({ path: path.join(OUT_DIR, "demo-tab2-reader.png"), fullPage: true });
 
-    // A second socket from the browser with the same token: ws.protocol on open.
-    const probe = await page.evaluate(({ token, ms }) => new Promise((resolve) => {
-      const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/echo`;
+    // Reload tab 1 in the middle of a stream: it resumes, nothing lost or doubled.
+    const N = 300;
+    await page.fill("#msg", `/count ${N}`);
+    await page.click("#send");
+    await waitFor("stream under way", page, () => document.getElementById("log").innerText.includes("line 40 of"));
+    await page.reload({ timeout: WAIT_MS });
+    await waitLog("tab 1 reloaded and the stream finished", `line ${N} of ${N}`);
+    await waitLog("tab 2 saw the stream finish", `line ${N} of ${N}`, page2);
+    const lines = (t) => [...t.matchAll(/line (\d+) of \d+/g)].map((m) => Number(m[1]));
+    const want = Array.from({ length: N }, (_, i) => i + 1);
+    const got1 = lines(await logText());
+    check("tab 1 after reload: every line once, in order", JSON.stringify(got1) === JSON.stringify(want),
+      `${got1.length} lines, first ${got1.slice(0, 3)}, last ${got1.slice(-3)}`);
+    const got2 = lines(await logOf(page2));
+    check("tab 2: every line once, in order", JSON.stringify(got2) === JSON.stringify(want), `${got2.length} lines`);
+    check("no gap reported", !(await logText()).includes("gap:"));
+    await page.screenshot({ path: path.join(OUT_DIR, "demo-after-reload.png"), fullPage: true });
+
+    // A foreign origin is refused at check 2, before the token counts: a
+    // plain HTTP 403, which a browser reports as 1006, never opened.
+    const { session_token: token } = await (await fetch(`${demo.url}/api/auth/login`, {
+      method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ username: demo.user, password: demo.pass }),
+    })).json();
+    const foreign = http.createServer((_, res) => { res.end("<!doctype html><title>elsewhere</title>"); });
+    await new Promise((r) => foreign.listen(0, "127.0.0.1", r));
+    const page3 = await browser.newPage();
+    await page3.goto(`http://127.0.0.1:${foreign.address().port}/`, { timeout: WAIT_MS });
+    const refused = await page3.evaluate(({ url, token, ms }) => new Promise((resolve) => {
       const ws = new WebSocket(url, ["bearer", token]);
       const t = setTimeout(() => resolve({ error: "timeout" }), ms);
-      ws.onopen = () => {
-        clearTimeout(t);
-        // Keep it open: it should be closed by the logout too.
-        window.__probe = { closed: null };
-        ws.onclose = (ev) => { window.__probe.closed = { code: ev.code, reason: ev.reason }; };
-        resolve({ protocol: ws.protocol });
-      };
-      ws.onerror = () => {};
-      ws.onclose = (ev) => { clearTimeout(t); resolve({ closedBeforeOpen: { code: ev.code, reason: ev.reason } }); };
-    }), { token, ms: WAIT_MS });
-    check("ws.protocol of a browser WebSocket is \"bearer\"", probe.protocol === "bearer", JSON.stringify(probe));
-
-    // Log out: the page's socket must be closed by the gate with 1008 session_revoked.
-    await page.click("#logout");
-    await waitLog("socket closed 1008 session_revoked", "socket closed 1008 session_revoked");
-    check("#who says logged out", (await page.locator("#who").innerText()) === "logged out");
-    check("chat disabled after close",
-      (await page.locator("#msg").isDisabled()) && (await page.locator("#send").isDisabled()) && (await page.locator("#logout").isDisabled()));
-    try {
-      await page.waitForFunction(() => window.__probe && window.__probe.closed, null, { timeout: WAIT_MS });
-      const pc = await page.evaluate(() => window.__probe.closed);
-      check("probe socket also closed by logout", pc.code === 1008 && pc.reason === "session_revoked", JSON.stringify(pc));
-    } catch {
-      check("probe socket also closed by logout", false, "still open");
-    }
-    await page.screenshot({ path: path.join(OUT_DIR, "demo-after-logout.png"), fullPage: true });
-
-    // Extra: the revoked token no longer opens a socket.
-    const after = await page.evaluate(({ token, ms }) => new Promise((resolve) => {
-      const ws = new WebSocket(`ws://${location.host}/ws/echo`, ["bearer", token]);
-      const t = setTimeout(() => resolve({ error: "timeout" }), ms);
-      ws.onopen = () => { clearTimeout(t); ws.close(); resolve({ opened: true, protocol: ws.protocol }); };
+      ws.onopen = () => { clearTimeout(t); resolve({ opened: true }); };
       ws.onclose = (ev) => { clearTimeout(t); resolve({ opened: false, code: ev.code }); };
-    }), { token, ms: WAIT_MS });
-    check("revoked token cannot open a socket", after.opened === false, JSON.stringify(after));
+    }), { url: `${demo.url.replace("http", "ws")}/ws/chat?portcullis=v1`, token, ms: WAIT_MS });
+    check("a foreign origin is refused (never opened, 1006)", refused.opened === false && refused.code === 1006,
+      JSON.stringify(refused));
+    await page3.close();
+    foreign.close();
+
+    // Log out in tab 1: tab 2's socket is closed 1008 and it asks to log in.
+    await page.click("#logout");
+    await waitFor("tab 2 asks to log in again after 1008", page2,
+      () => document.getElementById("signin").innerText.includes("Signed out (1008 session_revoked)"));
+    await waitLog("tab 2 log shows the 1008", "socket signed_out (1008 session_revoked)", page2);
+    check("tab 2 cannot type after logout", await page2.locator("#msg").isDisabled());
+    await page2.screenshot({ path: path.join(OUT_DIR, "demo-tab2-after-logout.png"), fullPage: true });
+    await page.screenshot({ path: path.join(OUT_DIR, "demo-tab1-after-logout.png"), fullPage: true });
 
     console.log("\n#log contents at the end:");
     for (const l of (await logText()).split("\n")) console.log(`  | ${l}`);

@@ -77,6 +77,10 @@ pub enum Inbound {
     Ack { instance: String, n: u32 },
     /// A frame of the owner for the runtime (remote owner → hub).
     Write { instance: String, frame: Frame },
+    /// The session's owner changed (SPEC §9 `portcullis.role`); read the
+    /// owner key again. Carries no owner: messages from different
+    /// instances may arrive out of order, a read of the key cannot.
+    Owner,
     /// The subscription was (re)established: what was published meanwhile
     /// may be lost, read the stream.
     Resync,
@@ -250,6 +254,10 @@ mod wire {
         out
     }
 
+    pub fn owner() -> Vec<u8> {
+        vec![b'O']
+    }
+
     pub fn write(instance: &str, f: &Frame) -> Vec<u8> {
         let mut out = vec![b'W'];
         put_str(&mut out, instance);
@@ -319,6 +327,7 @@ mod wire {
                 let frame = r.frame(&payload)?;
                 Some(Inbound::Write { instance, frame })
             }
+            b'O' if r.0.is_empty() => Some(Inbound::Owner),
             _ => None,
         }
     }
@@ -653,6 +662,29 @@ impl Fabric {
             "publish ack",
         )
         .await
+    }
+
+    /// Tells the hub and every mirror that the owner changed (SPEC §9):
+    /// on `hubout` for mirrors, on `hubin` for the hub, which does not
+    /// listen to its own output.
+    pub async fn publish_owner_changed(&self, sid: &str, route: &str) -> Result<(), StoreError> {
+        for dir in ["hubout", "hubin"] {
+            self.publish(self.key(dir, sid, route), wire::owner(), "publish owner")
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The owning viewport, `<instance>/<n>`, if any.
+    pub async fn owner(&self, sid: &str, route: &str) -> Result<Option<String>, StoreError> {
+        let key = self.key("owner", sid, route);
+        let k = &key;
+        self.0
+            .store
+            .run("owner", |mut conn| async move {
+                redis::cmd("GET").arg(k).query_async(&mut conn).await
+            })
+            .await
     }
 
     /// A frame of this instance's owner for the hub's runtime.
@@ -1126,6 +1158,7 @@ mod tests {
                     n: 3,
                 },
             ),
+            (wire::owner(), Inbound::Owner),
             (
                 wire::write("inst", &frames[1]),
                 Inbound::Write {

@@ -23,7 +23,7 @@ request.headers["Authorization"] = f"Bearer {token}"
 proto.send_request(request)
 sock.sendall(b"".join(proto.data_to_send()))
 
-out = {"status": None, "extensions": None, "echoed": False, "wire_bytes": 0}
+out = {"status": None, "extensions": None, "echoed": False, "wire_bytes": 0, "hello": None}
 message = ("chat " * (int(n) // 5 + 1))[: int(n)]
 after_handshake = False
 sent = False
@@ -45,6 +45,10 @@ while not done:
             after_handshake = True
             # Bytes pipelined behind the 101 in the same read (none here:
             # the runtime only speaks when spoken to).
+        elif event.opcode == Opcode.TEXT and b'"type":"portcullis.hello"' in event.data:
+            # The gateway's own first frame (SPEC §9, `portcullis=v1` in
+            # the path): whether it arrived compressed (RSV1) is recorded.
+            out["hello"] = {"text": event.data.decode(), "rsv1": event.rsv1}
         elif event.opcode == Opcode.TEXT:
             out["echoed"] = event.data.decode() == message
             done = True
