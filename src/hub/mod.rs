@@ -46,6 +46,8 @@ pub use viewport::{ClientWs, Viewport};
 /// Owner frames queued towards the runtime before the owner is slowed.
 const UPSTREAM_QUEUE: usize = 16;
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// How long a resume on a mirror waits for frames still on their way.
+const MIRROR_CATCH_UP: Duration = Duration::from_secs(2);
 
 /// How a hub ended, as its viewports are told after delivering what the
 /// ring holds. Unlike [`Close`], the reason may be the runtime's own.
@@ -467,6 +469,9 @@ impl Hub {
         self: &Arc<Self>,
         resume_from: Option<u64>,
     ) -> Result<Option<Viewport>, StoreError> {
+        if let (Some(n), Some(Link::Remote { .. })) = (resume_from, self.link.get()) {
+            self.catch_up_to(n).await;
+        }
         let id = NEXT_VIEWPORT.fetch_add(1, Ordering::Relaxed);
         let owner = match (&self.fabric, self.global_id(id)) {
             (Some(f), Some(gid)) => {
@@ -505,6 +510,21 @@ impl Hub {
             handle,
             owner_rx,
         )))
+    }
+
+    /// A mirror trails its hub by a store round trip: a client that read
+    /// frame `n - 1` from the hub's own instance and resumes here may be
+    /// ahead of this ring. Waits (bounded) until the ring has reached `n`.
+    async fn catch_up_to(&self, n: u64) {
+        let mut wake = self.wake.subscribe();
+        let _ = tokio::time::timeout(MIRROR_CATCH_UP, async {
+            while self.ring().next_seq() < n && !self.is_ended() {
+                if wake.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     /// A viewport left; the hub's grace clock starts when it was the last.

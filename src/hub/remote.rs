@@ -79,6 +79,9 @@ pub struct HubSide {
     pub appends: mpsc::Sender<(u64, Frame)>,
     /// The task that passes remote owners' frames to the runtime.
     pub writes: tokio::task::JoinHandle<()>,
+    /// The task appending to the stream; awaited at the end, so a
+    /// successor hub continues after every frame this one numbered.
+    pub appender: tokio::task::JoinHandle<()>,
     pub _usage: Usage,
 }
 
@@ -95,7 +98,7 @@ impl HubSide {
     ) -> (HubSide, oneshot::Receiver<()>) {
         let (appends, rx) = mpsc::channel(APPEND_QUEUE);
         let (fence_tx, fenced) = oneshot::channel();
-        tokio::spawn(append(hub.clone(), fabric.clone(), rx, fence_tx));
+        let appender = tokio::spawn(append(hub.clone(), fabric.clone(), rx, fence_tx));
         let writes = tokio::spawn(serve_remote_owner(
             hub.clone(),
             fabric.clone(),
@@ -106,6 +109,7 @@ impl HubSide {
             fabric,
             appends,
             writes,
+            appender,
             _usage: usage,
         };
         (side, fenced)
@@ -125,6 +129,16 @@ impl HubSide {
     pub async fn end(self, hub: &Hub, c: &HubClose) {
         self.writes.abort();
         let (sid, route) = (&hub.session_id, &hub.route.name);
+        // Flush what is queued for the stream before giving the placement
+        // up: the next hub numbers on from the stream's last frame.
+        drop(self.appends);
+        let mut appender = self.appender;
+        if tokio::time::timeout(STORE_WAIT, &mut appender)
+            .await
+            .is_err()
+        {
+            appender.abort();
+        }
         let _ = tokio::time::timeout(STORE_WAIT, async {
             let _ = self.fabric.publish_end(sid, route, c.code, &c.reason).await;
             let _ = self.fabric.release_hub(sid, route, hub.id.0).await;

@@ -39,6 +39,9 @@ pub struct Ring {
     closed: Option<HubClose>,
     owner: Option<u64>,
     viewports: HashMap<u64, ViewportHandle>,
+    /// Numbers continue those of earlier runtime connections (set by
+    /// [`Ring::preload`], on the Redis store).
+    continuing: bool,
 }
 
 /// What a viewport should do next.
@@ -64,6 +67,7 @@ impl Ring {
             closed: None,
             owner: None,
             viewports: HashMap::new(),
+            continuing: false,
         }
     }
 
@@ -124,6 +128,7 @@ impl Ring {
     /// the run of consecutive frames that ends just before `next`, so the
     /// ring continues the deployment's numbering. Only for an empty ring.
     pub fn preload(&mut self, frames: impl IntoIterator<Item = (u64, Message)>, next: u64) {
+        self.continuing = true;
         let mut kept: Vec<Message> = Vec::new();
         let mut start = next;
         let mut expected = None;
@@ -180,6 +185,11 @@ impl Ring {
         let (seq, resume_ok) = match resume_from {
             None => (next, None),
             Some(n) if n >= self.first_seq && n <= next => (n, Some(true)),
+            // Past the live edge while the numbering continues across
+            // runtime connections (Redis store): the client saw frames a
+            // dead hub numbered but never stored. Replaying the oldest kept
+            // frames would double what it has; it starts live, told `gap`.
+            Some(n) if n > next && self.continuing => (next, Some(false)),
             // Frame n left the ring (or never existed on this upstream):
             // replay from the oldest kept frame and say so.
             Some(_) => (self.first_seq, Some(false)),
@@ -346,6 +356,22 @@ mod tests {
         assert_eq!((s.seq, s.resume_ok), (5, None));
         let (s, _) = r.attach_open(4, Some(99));
         assert_eq!((s.seq, s.resume_ok), (2, Some(false)));
+    }
+
+    #[test]
+    fn past_the_live_edge_of_a_continued_numbering_starts_live_with_a_gap() {
+        let mut r = Ring::new(8, 1000);
+        r.preload((3..6).map(|i| (i, t(&i.to_string()))), 6);
+        let (s, _) = r.attach_open(1, Some(9));
+        assert_eq!(
+            (s.seq, s.resume_ok),
+            (6, Some(false)),
+            "nothing old replayed"
+        );
+        let (s, _) = r.attach_open(2, Some(4));
+        assert_eq!((s.seq, s.resume_ok), (4, Some(true)));
+        let (s, _) = r.attach_open(3, Some(1));
+        assert_eq!((s.seq, s.resume_ok), (3, Some(false)), "left the ring");
     }
 
     #[test]

@@ -352,7 +352,9 @@ struct FabricInner {
     /// Local hubs, mirrors and remote viewports: while any exists, this
     /// instance beats its liveness key.
     users: AtomicUsize,
-    became_used: Notify,
+    /// Behind its own `Arc`, so the beat task can wait on it without
+    /// keeping the fabric (and with it the store) alive.
+    became_used: Arc<Notify>,
     inboxes: Mutex<Inboxes>,
     next_token: AtomicUsize,
     ctl: mpsc::Sender<Ctl>,
@@ -406,7 +408,7 @@ impl Fabric {
         let fabric = Fabric(Arc::new(FabricInner {
             store,
             users: AtomicUsize::new(0),
-            became_used: Notify::new(),
+            became_used: Arc::new(Notify::new()),
             inboxes: Mutex::new(HashMap::new()),
             next_token: AtomicUsize::new(1),
             ctl,
@@ -925,7 +927,11 @@ async fn beat(fabric: Weak<FabricInner>) {
         let idle = f.users.load(Ordering::Acquire) == 0 && f.watched_is_empty();
         if idle {
             // Bounded, so a store that was dropped meanwhile ends this task.
-            let _ = timeout(Duration::from_secs(5), f.became_used.notified()).await;
+            let became_used = f.became_used.clone();
+            // Not holding `f` while idle: a dropped store must end at once
+            // (its revocation subscription stops with it).
+            drop(f);
+            let _ = timeout(Duration::from_secs(5), became_used.notified()).await;
             continue;
         }
         if f.users.load(Ordering::Acquire) > 0 {
