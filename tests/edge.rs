@@ -191,3 +191,50 @@ fn check_skip_secrets_validates_the_rest_and_names_what_it_did_not_check() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tokens.signing_key_env"));
 }
+
+#[test]
+fn check_skip_secrets_names_an_unreadable_store_password_and_hook_secret() {
+    let dir = TempDir::new();
+    // A store password from a variable that is not set, and session hooks
+    // whose secret variable is not set either: both are secrets `check`
+    // without them can only list.
+    let toml = format!(
+        "{}\n[sessions.hooks]\non_end = \"http://127.0.0.1:9/end\"\nsecret_env = \"PORTCULLIS_TEST_UNSET_HOOK_SECRET\"\n",
+        support::gateway::config_with(
+            Some("redis://127.0.0.1:6379/0"),
+            "redis_password_env = \"PORTCULLIS_TEST_UNSET_REDIS_PASSWORD\"",
+            &support::gateway::static_auth(""),
+            ""
+        )
+    );
+    let path = write_config(&dir, "store.toml", &toml);
+    let out = check(&path, &[], Some(support::gateway::SIGNING_KEY));
+    assert_eq!(out.status.code(), Some(1), "without the flag it fails");
+    let out = check(
+        &path,
+        &["--skip-secrets"],
+        Some(support::gateway::SIGNING_KEY),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let not_checked: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("secret not checked"))
+        .collect();
+    assert!(
+        not_checked
+            .iter()
+            .any(|l| l.contains("sessions.redis_password_env")),
+        "{stdout}"
+    );
+    assert!(
+        not_checked
+            .iter()
+            .any(|l| l.contains("sessions.hooks.secret_env")),
+        "{stdout}"
+    );
+}

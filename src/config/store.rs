@@ -98,6 +98,8 @@ pub(super) fn validate(
     redis: bool,
     file: &str,
     env: &dyn Fn(&str) -> Option<String>,
+    secrets: super::Secrets,
+    unchecked: &mut Vec<ConfigError>,
 ) -> Result<Option<RedisTarget>, ConfigError> {
     let err = |key: &str, msg: String| ConfigError::new(file, key, msg);
     let named: Vec<&str> = [
@@ -168,7 +170,15 @@ pub(super) fn validate(
         }
         Topology::Standalone(url)
     };
-    let password = read_password(ss, file, env)?;
+    // `check --skip-secrets` lists an unreadable password instead of failing.
+    let password = match read_password(ss, file, env) {
+        Ok(p) => p,
+        Err(e) if secrets == super::Secrets::SkipUnreadable => {
+            unchecked.push(e);
+            None
+        }
+        Err(e) => return Err(e),
+    };
     if password.is_some() {
         let in_url = match &topology {
             Topology::Standalone(url) => url.password().is_some(),

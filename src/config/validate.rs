@@ -174,7 +174,14 @@ pub(super) fn validate(
     };
 
     let ss = &config.sessions;
-    let redis = super::store::validate(ss, ss.store == StoreKind::Redis, file, env)?;
+    let redis = super::store::validate(
+        ss,
+        ss.store == StoreKind::Redis,
+        file,
+        env,
+        secrets,
+        &mut unchecked,
+    )?;
     if ss.key_prefix.is_empty() || ss.key_prefix.contains(['{', '}']) {
         return Err(err(
             "sessions.key_prefix",
