@@ -38,21 +38,7 @@ GATEWAY="$ROOT/target/release/portcullis"
 ulimit -n "$(ulimit -Hn | sed 's/unlimited/20000/')" 2>/dev/null || true
 ulimit -n 20000 2>/dev/null || true
 
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-wait_for() {
-    local what=$1; shift
-    for _ in $(seq 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    echo "instances.sh: $what did not come up" >&2; tail -n 20 "$TMP"/*.err >&2 || true
-    exit 1
-}
+. "$ROOT/bench/lib.sh"
 
 mapfile -t PORTS < <("$BENCH" free-port --count 5)
 ECHO_PORT=${PORTS[0]} REDIS_PORT=${PORTS[1]}
@@ -60,12 +46,12 @@ GW_PORTS=("${PORTS[2]}" "${PORTS[3]}" "${PORTS[4]}")
 
 "$BENCH" echo --listen "127.0.0.1:$ECHO_PORT" >"$TMP/echo.out" 2>"$TMP/echo.err" &
 PIDS+=($!)
-wait_for "echo" grep -q "listening on" "$TMP/echo.out"
+wait_for grep -q "listening on" "$TMP/echo.out"
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --daemonize no --dir "$TMP" --logfile "$TMP/redis.log" &
 REDIS_PID=$!
 PIDS+=("$REDIS_PID")
-wait_for "redis" redis-cli -p "$REDIS_PORT" ping
+wait_for redis-cli -p "$REDIS_PORT" ping
 
 PASSWORD=$(head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
 HASH=$(printf '%s\n' "$PASSWORD" | "$GATEWAY" hash-password)
@@ -108,7 +94,7 @@ start_gateway() {
         >"$TMP/gw$i.out" 2>>"$TMP/gw$i.err" &
     GW_PIDS[$i]=$!
     PIDS+=("${GW_PIDS[$i]}")
-    wait_for "gateway $i" grep -q "portcullis listening on http://" "$TMP/gw$i.out"
+    wait_for grep -q "portcullis listening on http://" "$TMP/gw$i.out"
 }
 for i in 0 1 2; do start_gateway "$i"; done
 BASES="http://127.0.0.1:${GW_PORTS[0]},http://127.0.0.1:${GW_PORTS[1]},http://127.0.0.1:${GW_PORTS[2]}"
