@@ -365,7 +365,18 @@ impl Hub {
             let placement = fabric
                 .claim_hub(sid, route, self.id.0, dead.as_deref())
                 .await?;
-            tracing::debug!(session = %sid, route = %route, ?placement, "hub placement");
+            // Where the hub lives, never the stream's frames (runtime
+            // payloads do not belong in a log line).
+            match &placement {
+                Placement::Mine { frames, next } => {
+                    tracing::debug!(session = %sid, route = %route, kept = frames.len(), next, "hub claimed here");
+                }
+                Placement::Elsewhere {
+                    instance, linked, ..
+                } => {
+                    tracing::debug!(session = %sid, route = %route, %instance, linked, "hub held elsewhere");
+                }
+            }
             match placement {
                 Placement::Mine { frames, next } => {
                     let frames = frames
