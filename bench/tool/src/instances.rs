@@ -30,6 +30,7 @@ use crate::{
     CONNECT_TIMEOUT, REPLY_TIMEOUT, Ws, cpu_ms, emit, login_once, percentile, round1, settled_rss,
     ws_close, ws_connect_seq,
 };
+use crate::{Delivery, receive_binaries};
 
 #[derive(Subcommand)]
 pub enum InstancesCmd {
@@ -205,31 +206,11 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
         .send(Message::text(format!("stream:{}:{}", a.frames, a.size)))
         .await?;
     let deadline = started + Duration::from_secs(120);
-    let tasks: Vec<_> = socks
-        .into_iter()
-        .map(|mut ws| {
-            let frames = a.frames;
-            tokio::spawn(async move {
-                let mut got = 0usize;
-                while got < frames {
-                    match tokio::time::timeout_at(deadline, ws.next()).await {
-                        Ok(Some(Ok(Message::Binary(_)))) => got += 1,
-                        Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => break,
-                        Ok(Some(Ok(_))) => {}
-                        Ok(Some(Err(_))) => break,
-                    }
-                }
-                (got, ws)
-            })
-        })
-        .collect();
-    let (mut delivered, mut short, mut open) = (0usize, 0usize, Vec::new());
-    for t in tasks {
-        let (got, ws) = t.await?;
-        delivered += got;
-        short += usize::from(got < a.frames);
-        open.push(ws);
-    }
+    let Delivery {
+        delivered,
+        short,
+        open,
+    } = receive_binaries(socks, a.frames, deadline).await?;
     let secs = started.elapsed().as_secs_f64();
     let after = commands_processed(&a.redis).await?;
     let (gw1, redis1) = (cpu_ms(&a.gateway_pids), cpu_ms(&a.redis_pids));

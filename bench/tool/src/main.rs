@@ -1658,6 +1658,50 @@ async fn ws_connect_seq(url: &str, token: &str) -> Result<(Ws, u64)> {
     Ok((ws, seq))
 }
 
+/// What every viewport of a fan-out received.
+struct Delivery {
+    /// Binary frames received, all viewports together.
+    delivered: usize,
+    /// Viewports that got fewer than asked for by the deadline.
+    short: usize,
+    /// The sockets, still open, for the caller to close after measuring.
+    open: Vec<Ws>,
+}
+
+/// Reads up to `frames` binary messages on every socket at once (one task
+/// each), until each has them all, closes, fails, or `deadline` passes.
+async fn receive_binaries(socks: Vec<Ws>, frames: usize, deadline: Instant) -> Result<Delivery> {
+    let tasks: Vec<_> = socks
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut got = 0usize;
+                while got < frames {
+                    match timeout_at_or(deadline, ws.next()).await {
+                        Some(Some(Ok(Message::Binary(_)))) => got += 1,
+                        Some(Some(Ok(Message::Close(_)))) => break,
+                        Some(Some(Ok(_))) => {}
+                        _ => break,
+                    }
+                }
+                (got, ws)
+            })
+        })
+        .collect();
+    let mut d = Delivery {
+        delivered: 0,
+        short: 0,
+        open: Vec::new(),
+    };
+    for t in tasks {
+        let (got, ws) = t.await?;
+        d.delivered += got;
+        d.short += usize::from(got < frames);
+        d.open.push(ws);
+    }
+    Ok(d)
+}
+
 async fn fanout(a: FanoutArgs) -> Result<()> {
     let token = target_token(&a.target)
         .await?
@@ -1681,30 +1725,11 @@ async fn fanout(a: FanoutArgs) -> Result<()> {
         .send(Message::text(format!("stream:{}:{}", a.frames, a.size)))
         .await?;
     let deadline = started + Duration::from_secs(60);
-    let mut tasks = Vec::new();
-    for mut ws in socks {
-        let frames = a.frames;
-        tasks.push(tokio::spawn(async move {
-            let mut got = 0usize;
-            while got < frames {
-                match timeout_at_or(deadline, ws.next()).await {
-                    Some(Some(Ok(Message::Binary(_)))) => got += 1,
-                    Some(Some(Ok(_))) => {}
-                    _ => break,
-                }
-            }
-            (got, ws)
-        }));
-    }
-    let mut delivered = 0usize;
-    let mut short = 0usize;
-    let mut open = Vec::new();
-    for t in tasks {
-        let (got, ws) = t.await?;
-        delivered += got;
-        short += usize::from(got < a.frames);
-        open.push(ws);
-    }
+    let Delivery {
+        delivered,
+        short,
+        open,
+    } = receive_binaries(socks, a.frames, deadline).await?;
     let secs = started.elapsed().as_secs_f64();
     for ws in open {
         ws_close(ws).await;
